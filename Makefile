@@ -1,0 +1,45 @@
+# spendgate developer entry points. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: help install run test lint schemas bench clean
+
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
+		awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Re-installs only when pyproject.toml is newer than the stamp.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install spendgate with its dev tools (only when needed)
+
+run: install ## Start the embedded stack: broker, Postgres, worker, API (Ctrl-C stops it)
+	$(BIN)/spendgate dev
+
+test: install ## Run the whole test suite (starts its own broker and Postgres)
+	$(BIN)/pytest -q
+
+lint: install ## ruff + mypy
+	$(BIN)/ruff check services tests
+	$(BIN)/mypy services/
+
+schemas: install ## Regenerate the JSON Schemas in schemas/
+	$(BIN)/spendgate schemas schemas
+
+bench: install ## Benchmarks: gate, worker, enforcement delay, overshoot, cold start -> BENCHMARKS.md/.json
+	@if [ -d bench ] || [ -f bench.py ]; then $(BIN)/python -m bench; else echo "bench: not yet"; fi
+
+clean: ## Remove caches, build output and the dev stack's data (.spendgate/)
+	rm -rf .spendgate .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -print0 | xargs -0 rm -rf
+	find services -name '*.egg-info' -type d -prune -exec rm -rf {} +

@@ -1,0 +1,155 @@
+"""The embedded stack the benchmarks run against: Tansu + Postgres, and spendgate services as children.
+
+Everything started here is stopped by pid (process groups of our own children only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+from spendgate.adapters.embedded import free_port, start_broker, start_postgres
+from spendgate.adapters.kafka import ensure_topics
+from spendgate.settings import Settings
+from spendgate.store.migrate import apply_migrations
+
+ADMIN_TOKEN = "bench-admin-token-0123456789"
+PYTHON = sys.executable
+
+
+@dataclass
+class Stack:
+    workdir: Path
+    broker: object = None
+    pg: object = None
+    bootstrap: str = ""
+    database_url: str = ""
+    children: list[subprocess.Popen] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        logs = self.workdir / "logs"
+        logs.mkdir(exist_ok=True)
+        self.broker = start_broker(free_port(), logs / "broker.log")
+        self.bootstrap = self.broker.bootstrap  # type: ignore[attr-defined]
+        pgdata = self.workdir / "pg"
+        if pgdata.exists():
+            import shutil
+
+            shutil.rmtree(pgdata)
+        self.pg = start_postgres(pgdata, free_port(), logs / "postgres.log", durable=False)
+        self.database_url = self.pg.create_database("spendgate")  # type: ignore[attr-defined]
+        apply_migrations(self.database_url)
+
+    def settings(self, prefix: str) -> Settings:
+        return Settings(
+            kafka_bootstrap=self.bootstrap,
+            database_url=self.database_url,
+            topic_prefix=prefix,
+            partitions=8,
+            data_dir=self.workdir / "data",
+            admin_token=ADMIN_TOKEN,
+            dev=True,
+        )
+
+    async def topics(self, prefix: str) -> Settings:
+        s = self.settings(prefix)
+        await ensure_topics(s)
+        return s
+
+    def env(self, prefix: str, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SPENDGATE_")}
+        env.update(
+            SPENDGATE_KAFKA_BOOTSTRAP=self.bootstrap,
+            SPENDGATE_TOPIC_PREFIX=prefix,
+            SPENDGATE_PARTITIONS="8",
+            SPENDGATE_DATABASE_URL=self.database_url,
+            SPENDGATE_DATA_DIR=str(self.workdir / "data"),
+            SPENDGATE_DEV="true",
+            SPENDGATE_WORKER_WEB_PORT="0",
+            SPENDGATE_WORKER_ID=f"w-{prefix.strip('.')}",
+            SPENDGATE_ADMIN_TOKEN=ADMIN_TOKEN,
+            SPENDGATE_LOG_LEVEL="WARNING",
+            PYTHONUNBUFFERED="1",
+        )
+        env.update(extra)
+        return env
+
+    def spawn(self, argv: list[str], log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = open(self.workdir / "logs" / log_name, "ab")  # noqa: SIM115 - owned by the child
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self.children.append(proc)
+        return proc
+
+    def service(self, command: str, prefix: str, log_name: str, **extra: str) -> subprocess.Popen:
+        return self.spawn([PYTHON, "-m", "spendgate.cli", command], log_name, self.env(prefix, **extra))
+
+    def stop_child(self, proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+        if proc.poll() is None:
+            with _suppress():
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                with _suppress():
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        with _suppress():
+            os.killpg(proc.pid, signal.SIGKILL)
+        if proc in self.children:
+            self.children.remove(proc)
+
+    def stop(self) -> None:
+        for proc in list(reversed(self.children)):
+            self.stop_child(proc, 5)
+        if self.pg is not None:
+            self.pg.stop()  # type: ignore[attr-defined]
+        if self.broker is not None:
+            self.broker.stop()  # type: ignore[attr-defined]
+
+
+class _suppress:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return exc[0] is not None and issubclass(exc[0], (ProcessLookupError, PermissionError))  # type: ignore[arg-type]
+
+
+def wait_http(url: str, proc: subprocess.Popen | None, timeout_s: float, interval_s: float = 0.05) -> float:
+    """Seconds until ``url`` answers 200 (raises on timeout or if ``proc`` dies)."""
+    started = time.monotonic()
+    deadline = started + timeout_s
+    with httpx.Client(timeout=2.0) as client:
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"process {proc.args} exited with {proc.returncode} while waiting for {url}")
+            try:
+                if client.get(url).status_code == 200:
+                    return time.monotonic() - started
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} not 200 within {timeout_s}s")
+            time.sleep(interval_s)
+
+
+def rss_mib(pid: int) -> float:
+    try:
+        return psutil.Process(pid).memory_info().rss / 2**20
+    except psutil.Error:
+        return float("nan")
+
+
+def run_async(coro):  # noqa: ANN001, ANN201
+    return asyncio.run(coro)

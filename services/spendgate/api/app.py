@@ -1,0 +1,166 @@
+"""The API app factory: settings -> adapters -> services -> one FastAPI app (the one wiring place).
+
+``create_app(settings)`` opens nothing; the lifespan does, in this order:
+
+1. the gate's ``TopicFollower`` starts reading ``{prefix}config``, ``decisions`` and ``state``
+   from the earliest offset (creating the topics first if missing); it feeds ``GateState`` and,
+   for ``token/…`` config records, the ``TokenCache``. ``/readyz`` answers 503 until it caught up.
+2. with ``SPENDGATE_DATABASE_URL`` set: the Postgres pool (not waiting for the server), the
+   tokens already in Postgres into the ``TokenCache`` (best effort, in the background), and the
+   outbox relay, woken after every committed control-plane change.
+3. the usage producer starts lazily on the first ``POST /v1/events``.
+
+On shutdown everything is stopped in reverse. Nothing here blocks on the broker or Postgres:
+both may be down at start, and the app still answers (degraded / 503) until they come back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import unquote
+
+from fastapi import FastAPI
+from psycopg_pool import AsyncConnectionPool
+
+from spendgate.adapters import kafka
+from spendgate.adapters.follower import TopicFollower
+from spendgate.api.auth import TokenCache
+from spendgate.api.control import control_router
+from spendgate.api.errors import install_error_handlers
+from spendgate.api.gate import Gate, UsageProducer, check_handler, gate_router, health_router
+from spendgate.api.metrics import GateMetrics
+from spendgate.domain.gate_state import GateState
+from spendgate.records import TokenRecord
+from spendgate.settings import Settings
+from spendgate.store.outbox import OutboxRelay
+from spendgate.store.repo import ControlRepo, unopened_pool
+
+log = logging.getLogger(__name__)
+
+
+def config_handler(state: GateState, tokens: TokenCache) -> Callable[[str | None, Any], None]:
+    """The follower callback of ``{prefix}config``: registry and budgets into ``state``, tokens too."""
+
+    def apply(key: str | None, value: Any) -> None:
+        if key is None:
+            raise ValueError("config record without a key")
+        state.apply_config(key, value)
+        if key.startswith("token/"):
+            tokens.apply(None if value is None else TokenRecord.model_validate(value), unquote(key[6:]))
+
+    return apply
+
+
+def create_app(settings: Settings, *, follower: TopicFollower | None = None) -> FastAPI:
+    """The whole API (gate + control plane + health). ``follower`` may be injected by tests."""
+    metrics = GateMetrics()
+    tokens = TokenCache(settings.admin_token)
+    state = GateState()
+
+    async def prepare() -> None:
+        await kafka.ensure_topics(settings)
+
+    if follower is None:
+        follower = TopicFollower(
+            settings.kafka_bootstrap,
+            {
+                settings.topic("config"): config_handler(state, tokens),
+                settings.topic("decisions"): lambda key, value: state.apply_decision(value, key),
+                settings.topic("state"): lambda key, value: state.apply_state(value, key),
+            },
+            prepare=prepare,
+        )
+    the_follower = follower
+    metrics.bind_follower(
+        the_follower.state_lag_ms,
+        lambda: the_follower.ready,
+        lambda: the_follower.records,
+        lambda: the_follower.invalid_records,
+    )
+    gate = Gate(state, the_follower, settings, metrics)
+    producer = UsageProducer(lambda: kafka.producer(settings), settings.topic("usage"))
+
+    pool: AsyncConnectionPool | None = None
+    repo: ControlRepo | None = None
+    relay: OutboxRelay | None = None
+    if settings.database_url:
+        pool = unopened_pool(settings.database_url)
+        repo = ControlRepo(pool)
+        relay = OutboxRelay(
+            pool,
+            bootstrap=settings.kafka_bootstrap,
+            topic=settings.topic("config"),
+            prepare=lambda: kafka.ensure_topics(settings),
+        )
+        repo.subscribe(relay.wake)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        background: list[asyncio.Task[None]] = []
+        await the_follower.start()
+        background.append(asyncio.create_task(_freeze_when_ready(the_follower), name="gc-freeze"))
+        if pool is not None and repo is not None and relay is not None:
+            await pool.open(wait=False)
+            background.append(asyncio.create_task(_load_tokens(repo, tokens), name="load-tokens"))
+            await relay.start()
+        try:
+            yield
+        finally:
+            for task in background:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            if relay is not None:
+                await relay.stop()
+            await producer.stop()
+            await the_follower.stop()
+            if pool is not None:
+                await pool.close()
+
+    app = FastAPI(
+        title="spendgate",
+        version="1",
+        summary="Spend accounting and budget enforcement for LLM and API gateways",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(health_router(gate, metrics))
+    app.state.check_handler = check_handler(gate, tokens)  # also served ahead of the stack by `api`
+    app.include_router(gate_router(gate, tokens, producer, app.state.check_handler))
+    if repo is not None:
+        app.include_router(control_router(repo, tokens))
+    app.state.gate = gate
+    app.state.follower = the_follower
+    app.state.tokens = tokens
+    app.state.metrics = metrics
+    app.state.producer = producer
+    return app
+
+
+async def _freeze_when_ready(follower: TopicFollower) -> None:
+    """Once caught up, move the materialized state out of the collector's way.
+
+    A full collection walks every object; with 100,000 scopes in memory that is a pause of
+    several milliseconds in the middle of checks. Frozen objects are never scanned.
+    """
+    await follower.wait_ready()
+    gc.collect()
+    gc.freeze()
+
+
+async def _load_tokens(repo: ControlRepo, tokens: TokenCache, retry_s: float = 2.0) -> None:
+    """Seed the TokenCache from Postgres once (the config topic may lag behind, or be new)."""
+    while True:
+        try:
+            for record in await repo.all_tokens():
+                tokens.apply(record, record.token_id)
+            return
+        except Exception as exc:  # noqa: BLE001 - Postgres down: the follower still feeds tokens
+            log.warning("could not load tokens from Postgres (%s); retrying in %.0fs", exc, retry_s)
+            await asyncio.sleep(retry_s)

@@ -1,0 +1,180 @@
+"""The HTTP error envelope ``{"error": {"code", "message", "details"}}`` (CONTRACT §4).
+
+Raise an ``ApiError`` subclass anywhere below a route (routes, repositories); the handlers
+installed by ``install_error_handlers(app)`` turn it, ``InvalidInput`` and FastAPI's
+``RequestValidationError`` into the envelope. Unknown exceptions become a 500 envelope with no
+internals in it (they are logged).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from spendgate.domain.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error with an HTTP status and a stable machine-readable ``code``."""
+
+    status: int = 500
+    code: str = "internal"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        details: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.details = details
+        self.headers = dict(headers or {})
+
+
+class BadRequest(ApiError):
+    status, code = 400, "bad_request"
+
+
+class Unauthorized(ApiError):
+    """No or unknown bearer token; the client must authenticate."""
+
+    status, code = 401, "unauthorized"
+
+    def __init__(self, message: str = "missing or invalid bearer token", **kw: Any) -> None:
+        kw.setdefault("headers", {"WWW-Authenticate": "Bearer"})
+        super().__init__(message, **kw)
+
+
+class Forbidden(ApiError):
+    status, code = 403, "forbidden"
+
+
+class NotFound(ApiError):
+    status, code = 404, "not_found"
+
+
+class Conflict(ApiError):
+    status, code = 409, "conflict"
+
+
+class Unprocessable(ApiError):
+    status, code = 422, "invalid"
+
+
+class DatabaseUnavailable(ApiError):
+    """Postgres is down or the pool is exhausted: retry later (503)."""
+
+    status, code = 503, "database_unavailable"
+
+    def __init__(
+        self, message: str = "the control-plane database is unavailable; retry later", **kw: Any
+    ) -> None:
+        kw.setdefault("headers", {"Retry-After": "1"})
+        super().__init__(message, **kw)
+
+
+def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "details": details}}
+
+
+def error_response(
+    status: int, code: str, message: str, details: Any = None, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(code, message, details), status_code=status, headers=dict(headers or {}))
+
+
+def invalid_input_response(exc: InvalidInput) -> JSONResponse:
+    field = exc.field
+    message = f"{field}: {exc.reason}" if field else exc.reason
+    return error_response(422, "invalid", message, {"field": field})
+
+
+async def _api_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+
+
+async def _invalid_input(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, InvalidInput)
+    return invalid_input_response(exc)
+
+
+async def _validation(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    if any(err.get("type") == "json_invalid" for err in exc.errors()):
+        # A body that is not JSON at all is a malformed request (400), not an invalid value (422).
+        return error_response(400, "bad_request", "body is not valid JSON", {"field": "body"})
+    errors = [
+        {
+            "field": ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body",
+            "message": err.get("msg", "invalid"),
+            "type": err.get("type"),
+        }
+        for err in exc.errors()
+    ]
+    first = errors[0] if errors else {"field": "body", "message": "invalid request"}
+    return error_response(422, "invalid", f"{first['field']}: {first['message']}", errors)
+
+
+async def _http(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    codes = {
+        400: "bad_request",
+        401: "unauthorized",
+        403: "forbidden",
+        404: "not_found",
+        405: "method_not_allowed",
+        409: "conflict",
+        422: "invalid",
+        429: "too_many_requests",
+    }
+    return error_response(
+        exc.status_code,
+        codes.get(exc.status_code, "http_error"),
+        str(exc.detail),
+        None,
+        getattr(exc, "headers", None),
+    )
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(500, "internal", "internal error; see the server log")
+
+
+async def response_for(request: Request, exc: Exception) -> JSONResponse:
+    """The envelope response for ``exc``, as the installed handlers would answer it."""
+    for kind, handler in _HANDLERS:
+        if isinstance(exc, kind):
+            return await handler(request, exc)
+    return await _unexpected(request, exc)
+
+
+_HANDLERS = (
+    (ApiError, _api_error),
+    (InvalidInput, _invalid_input),
+    (RequestValidationError, _validation),
+    (StarletteHTTPException, _http),
+)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the envelope handlers on ``app`` (call once in the app factory)."""
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(InvalidInput, _invalid_input)
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(Exception, _unexpected)

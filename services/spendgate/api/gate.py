@@ -1,0 +1,452 @@
+"""Gate routes (CONTRACT §4): check, authorize, ingest usage events, read spend, health.
+
+Routes are parse -> domain -> render. The check path reads memory only (``GateState``, fed by the
+follower): a broker outage never makes a check wait; it makes the answer ``degraded`` once the
+state is older than ``SPENDGATE_MAX_STALENESS_S`` (or before the gate caught up at start), and
+then the answer follows ``SPENDGATE_FAIL_MODE``.
+
+``POST /v1/events`` is the one route that talks to the broker: it answers 202 only after every
+valid event was acknowledged with ``acks=all``; when the broker does not acknowledge them in time
+it answers 503 and the gateway retries the whole batch (events are deduplicated by ``event_id``).
+"""
+
+# No "from __future__ import annotations": FastAPI must see the route-local Annotated aliases.
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Annotated, Any, Protocol
+from urllib.parse import unquote
+
+import orjson
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.types import ASGIApp, Receive, Send
+from starlette.types import Scope as AsgiScope
+
+from spendgate.api.auth import TokenCache, gate_dependency, principal_dependency
+from spendgate.api.errors import ApiError, BadRequest, Forbidden, Unprocessable, response_for
+from spendgate.api.metrics import GateMetrics
+from spendgate.domain.authority import Action, BudgetTarget, Denied, GateTarget, Principal, Role, authorize
+from spendgate.domain.check import CheckRequest, CheckResult, check, degraded, scope_bindings
+from spendgate.domain.errors import InvalidInput
+from spendgate.domain.gate_state import GateState, is_current
+from spendgate.domain.money import format_usd, parse_cost
+from spendgate.domain.scopes import Scope, ScopeKind
+from spendgate.domain.windows import iso, window_bounds
+from spendgate.records import CostUsd, Id, UsageEvent
+from spendgate.settings import FailMode, Settings
+
+log = logging.getLogger(__name__)
+
+MAX_EVENTS = 1000
+MAX_BODY_BYTES = 5 * 1024 * 1024
+EVENTS_ACK_TIMEOUT_S = 15.0
+
+
+class PayloadTooLarge(ApiError):
+    status, code = 413, "payload_too_large"
+
+
+class BrokerUnavailable(ApiError):
+    """The broker did not acknowledge the events in time: retry the whole batch later (503)."""
+
+    status, code = 503, "broker_unavailable"
+
+    def __init__(self, message: str = "the broker did not acknowledge the events; retry", **kw: Any) -> None:
+        kw.setdefault("headers", {"Retry-After": "1"})
+        super().__init__(message, **kw)
+
+
+class FollowerStatus(Protocol):
+    @property
+    def ready(self) -> bool: ...
+
+    def state_lag_ms(self, now: float | None = None) -> int | None: ...
+
+
+class Gate:
+    """The check service: the materialized state, how fresh it is, and the fail mode."""
+
+    def __init__(
+        self,
+        state: GateState,
+        follower: FollowerStatus,
+        settings: Settings,
+        metrics: GateMetrics,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.state = state
+        self.follower = follower
+        self.metrics = metrics
+        self.clock = clock
+        self.fail_open = settings.fail_mode == FailMode.OPEN
+        self.fail_mode = str(settings.fail_mode)
+        self.max_lag_ms = settings.max_staleness_s * 1000
+        self._started = time.monotonic()
+
+    def lag_ms(self) -> int:
+        lag = self.follower.state_lag_ms()
+        return int((time.monotonic() - self._started) * 1000) if lag is None else lag
+
+    def judge(self, request: CheckRequest) -> tuple[CheckResult, int]:
+        """The answer to ``request`` and the state lag it was based on (ms)."""
+        started = time.perf_counter()
+        lag = self.lag_ms()
+        reason = None
+        if not self.follower.ready:
+            reason = "not_ready"
+        elif lag > self.max_lag_ms:
+            reason = "stale"
+        if reason == "stale" and self.fail_open:
+            # Fail open means "don't deny for want of news", not "forget blocks we know of":
+            # a scope held blocked in memory stays blocked (seed 001: no silent bypass).
+            result = replace(check(request, self.state, self.clock()), degraded=True)
+            self.metrics.degraded.labels(reason, self.fail_mode).inc()
+        elif reason is not None:
+            result = degraded(self.fail_open)
+            self.metrics.degraded.labels(reason, self.fail_mode).inc()
+        else:
+            result = check(request, self.state, self.clock())
+        self.metrics.check_latency.observe(time.perf_counter() - started)
+        self.metrics.checks.labels("allowed" if result.allowed else "blocked").inc()
+        return result, lag
+
+
+class UsageProducer:
+    """Produces usage events to ``{prefix}usage`` (acks=all); starts lazily, reconnects after errors.
+
+    Raises ``BrokerUnavailable`` when the broker does not acknowledge in time; aiokafka exceptions
+    do not escape.
+    """
+
+    def __init__(
+        self, factory: Callable[[], AIOKafkaProducer], topic: str, timeout_s: float = EVENTS_ACK_TIMEOUT_S
+    ):
+        self._factory = factory
+        self.topic = topic
+        self._timeout_s = timeout_s
+        self._producer: AIOKafkaProducer | None = None
+        self._lock = asyncio.Lock()
+
+    async def _get(self) -> AIOKafkaProducer:
+        async with self._lock:
+            if self._producer is None:
+                producer = self._factory()
+                try:
+                    await asyncio.wait_for(producer.start(), self._timeout_s)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await producer.stop()
+                    raise
+                self._producer = producer
+            return self._producer
+
+    async def send_all(self, records: list[tuple[bytes, bytes]]) -> None:
+        """Send ``(key, value)`` records and wait until the broker acknowledged every one."""
+        try:
+            await asyncio.wait_for(self._send_all(records), self._timeout_s)
+        except (KafkaError, TimeoutError, OSError) as exc:
+            log.warning("events: broker did not acknowledge %d records: %r", len(records), exc)
+            await self.stop()
+            raise BrokerUnavailable() from None
+
+    async def _send_all(self, records: list[tuple[bytes, bytes]]) -> None:
+        producer = await self._get()
+        futures = [await producer.send(self.topic, value, key=key) for key, value in records]
+        await asyncio.gather(*futures)
+
+    async def stop(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+
+
+class CheckBody(BaseModel):
+    """``POST /v1/check``; unknown fields are refused (422)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key_id: Id
+    end_user_id: Id | None = None
+    model: Id | None = None
+    tags: Annotated[list[Id], Field(max_length=64)] = Field(default_factory=list)
+    user_id: Id | None = None
+    team_id: Id | None = None
+    org_id: Id | None = None
+    estimated_cost_usd: CostUsd | None = None
+    request_id: Annotated[str, Field(max_length=256)] | None = None
+
+    def to_request(self) -> CheckRequest:
+        return CheckRequest(
+            key_id=self.key_id,
+            end_user_id=self.end_user_id,
+            model=self.model,
+            tags=self.tags,
+            user_id=self.user_id,
+            team_id=self.team_id,
+            org_id=self.org_id,
+            estimated_cost_nanos=self.estimated_cost_usd,
+        )
+
+
+_SCOPE_HEAD = re.compile(r"^([a-z_]+)(?::|%3[aA])(.*)$")
+
+
+def _scope_from_path(request: Request) -> Scope:
+    """The scope after ``/v1/spend/``, read from the raw path so an encoded ``/`` stays in its id."""
+    raw: bytes = request.scope.get("raw_path") or request.url.path.encode()
+    text = raw.decode("latin-1").split("?", 1)[0]
+    marker = "/v1/spend/"
+    tail = text[text.find(marker) + len(marker) :] if marker in text else ""
+    match = _SCOPE_HEAD.match(tail)
+    return Scope.parse(f"{match.group(1)}:{match.group(2)}" if match else unquote(tail))
+
+
+async def _read_capped(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body larger than {limit} bytes")
+    chunks = bytearray()
+    async for chunk in request.stream():
+        chunks.extend(chunk)
+        if len(chunks) > limit:
+            raise PayloadTooLarge(f"body larger than {limit} bytes")
+    return bytes(chunks)
+
+
+def _errors_of(exc: ValidationError) -> list[dict[str, str]]:
+    return [
+        {
+            "field": ".".join(str(p) for p in err.get("loc", ())) or "event",
+            "message": err.get("msg", "invalid"),
+        }
+        for err in exc.errors()
+    ]
+
+
+def spend_view(scope: str, state: GateState, now: float) -> dict[str, Any]:
+    """``GET /v1/spend/{scope}``: every budget window plus ``total``, from the materialized state."""
+    budget = state.budgets.get(scope)
+    held = state.states.get(scope)
+    windows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+
+    def add(window: str, spend: int, limit: int | None, soft: int | None, resets: str | None) -> None:
+        seen.add(window)
+        windows.append(
+            {
+                "window": window,
+                "spend_usd": format_usd(spend),
+                "limit_usd": None if limit is None else format_usd(limit),
+                "remaining_usd": None if limit is None else format_usd(max(0, limit - spend)),
+                "soft_usd": None if soft is None else format_usd(soft),
+                "resets_at": resets,
+            }
+        )
+
+    for lim in budget.limits if budget else ():
+        current = state.current_window(scope, lim.window, now)
+        if current is not None:
+            add(lim.window, current.spend, lim.max_nanos, lim.soft_nanos, current.resets_at_text)
+        else:
+            resets = None if lim.spec.is_total else iso(window_bounds(lim.spec, int(now), budget.zone)[1])  # type: ignore[union-attr]
+            add(lim.window, 0, lim.max_nanos, lim.soft_nanos, resets)
+    for w in held.windows if held else ():
+        if w.window not in seen and is_current(w, now):
+            add(w.window, w.spend, None, None, w.resets_at_text)
+    if "total" not in seen:
+        add("total", 0, None, None, None)
+    blocked = bool(scope_bindings(scope, state.decisions.get(scope), budget, held, now))
+    return {"scope": scope, "blocked": blocked, "windows": windows}
+
+
+CHECK_SCHEMA = CheckBody.model_json_schema(ref_template="#/components/schemas/{model}")
+
+
+def check_handler(gate: Gate, tokens: TokenCache) -> Callable[[Request], Awaitable[Response]]:
+    """``POST /v1/check``: the hot path.
+
+    The body is parsed by the model straight from bytes and the answer written with orjson.
+    Served as a FastAPI route (OpenAPI, tests) and, in ``spendgate api``, by
+    :func:`with_check_fast_path` ahead of the framework's middleware stack.
+    """
+    check_caller = gate_dependency(tokens, Action.CHECK)
+
+    async def post_check(request: Request) -> Response:
+        await check_caller(request)
+        raw = await request.body()
+        try:
+            body = CheckBody.model_validate_json(raw)
+        except ValidationError as exc:
+            raise RequestValidationError(
+                [{**err, "loc": ("body", *err["loc"])} for err in exc.errors(include_url=False)]
+            ) from None
+        result, lag = gate.judge(body.to_request())
+        return Response(orjson.dumps(result.to_json(lag)), media_type="application/json")
+
+    return post_check
+
+
+def with_check_fast_path(app: ASGIApp, handler: Callable[[Request], Awaitable[Response]]) -> ASGIApp:
+    """Answer ``POST /v1/check`` with ``handler`` directly; everything else goes to ``app``.
+
+    Why: at 2,000 checks/s on one core most of a check's time was Starlette/FastAPI routing and
+    middleware, not the check. Same handler, same auth, same error envelope (``response_for``).
+    """
+
+    async def asgi(scope: AsgiScope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/v1/check" and scope["method"] == "POST":
+            request = Request(scope, receive)
+            try:
+                response = await handler(request)
+            except Exception as exc:  # noqa: BLE001 - mapped to the envelope like the app does
+                response = await response_for(request, exc)
+            await response(scope, receive, send)
+            return
+        await app(scope, receive, send)
+
+    return asgi
+
+
+def gate_router(
+    gate: Gate,
+    tokens: TokenCache,
+    producer: UsageProducer,
+    post_check: Callable[[Request], Awaitable[Response]],
+) -> APIRouter:
+    """The gate routes under ``/v1`` (check, authorize, events, spend)."""
+    router = APIRouter(prefix="/v1", tags=["gate"])
+    Checker = Annotated[Principal, Depends(gate_dependency(tokens, Action.CHECK))]
+    Ingester = Annotated[Principal, Depends(gate_dependency(tokens, Action.INGEST))]
+    Caller = Annotated[Principal, Depends(principal_dependency(tokens))]
+    metrics = gate.metrics
+
+    router.add_api_route(
+        "/check",
+        post_check,
+        methods=["POST"],
+        summary="May this request run? (memory only; never waits on the broker)",
+        openapi_extra={
+            "requestBody": {"required": True, "content": {"application/json": {"schema": CHECK_SCHEMA}}}
+        },
+    )
+
+    @router.get("/authorize", summary="Like /v1/check for gateways that read status codes: 200 or 429")
+    async def get_authorize(
+        _: Checker,
+        key_id: Annotated[str, Query(min_length=1, max_length=256)],
+        end_user_id: Annotated[str | None, Query(min_length=1, max_length=256)] = None,
+        model: Annotated[str | None, Query(min_length=1, max_length=256)] = None,
+        tags: Annotated[str | None, Query(description="comma-separated")] = None,
+        user_id: Annotated[str | None, Query(min_length=1, max_length=256)] = None,
+        team_id: Annotated[str | None, Query(min_length=1, max_length=256)] = None,
+        org_id: Annotated[str | None, Query(min_length=1, max_length=256)] = None,
+        estimated_cost_usd: str | None = None,
+    ) -> Response:
+        tag_list = tuple(t for t in (tags or "").split(",") if t)
+        if len(tag_list) > 64 or any(len(t) > 256 for t in tag_list):
+            raise Unprocessable("tags: at most 64 tags of at most 256 characters", details={"field": "tags"})
+        estimate = None
+        if estimated_cost_usd is not None:
+            estimate = parse_cost(estimated_cost_usd, field="estimated_cost_usd")
+        request = CheckRequest(key_id, end_user_id, model, tag_list, user_id, team_id, org_id, estimate)
+        result, lag = gate.judge(request)
+        headers = {}
+        if not result.allowed and result.retry_after_s is not None:
+            headers["Retry-After"] = str(result.retry_after_s)
+        return JSONResponse(result.to_json(lag), status_code=200 if result.allowed else 429, headers=headers)
+
+    @router.post(
+        "/events",
+        status_code=202,
+        summary="Ingest up to 1000 usage events (202 all valid, 207 mixed, 422 none valid)",
+        responses={207: {"description": "some events were invalid"}, 413: {}, 503: {}},
+    )
+    async def post_events(request: Request, _: Ingester) -> JSONResponse:
+        raw = await _read_capped(request, MAX_BODY_BYTES)
+        try:
+            items = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise BadRequest("body is not valid JSON") from None
+        if not isinstance(items, list):
+            raise Unprocessable("body must be a JSON array of usage events", details={"field": "body"})
+        if len(items) > MAX_EVENTS:
+            raise PayloadTooLarge(f"at most {MAX_EVENTS} events per request, got {len(items)}")
+        if not items:
+            raise Unprocessable("the array holds no events", details={"field": "body"})
+        results: list[dict[str, Any]] = []
+        valid: list[tuple[bytes, bytes]] = []
+        for index, item in enumerate(items):
+            try:
+                event = UsageEvent.model_validate(item)
+            except ValidationError as exc:
+                results.append({"index": index, "status": "rejected", "errors": _errors_of(exc)})
+                continue
+            valid.append((event.key_id.encode(), orjson.dumps(item)))
+            results.append({"index": index, "status": "accepted", "event_id": event.event_id})
+        rejected = len(items) - len(valid)
+        if rejected:
+            metrics.events_rejected.inc(rejected)
+        if not valid:
+            raise Unprocessable("no event is valid", code="invalid", details={"results": results})
+        await producer.send_all(valid)
+        metrics.events_ingested.inc(len(valid))
+        body = {"accepted": len(valid), "rejected": rejected, "results": results}
+        return JSONResponse(body, status_code=207 if rejected else 202)
+
+    @router.get("/spend/{scope:path}", summary="Spend, limits and remaining of one scope (viewer+)")
+    async def get_spend(request: Request, scope: str, caller: Caller) -> dict[str, Any]:
+        try:
+            parsed = _scope_from_path(request)
+        except InvalidInput as exc:
+            raise Unprocessable(f"scope: {exc.reason}", details={"field": "scope"}) from None
+        text = str(parsed)
+        _authorize_read(caller, parsed, gate.state)
+        return spend_view(text, gate.state, gate.clock())
+
+    return router
+
+
+def _authorize_read(caller: Principal, scope: Scope, state: GateState) -> None:
+    if caller.role is Role.GATEWAY:
+        decision = authorize(caller, Action.CHECK, GateTarget())
+    else:
+        team_of_key = None
+        if scope.kind in (ScopeKind.KEY, ScopeKind.KEY_MODEL):
+            info = state.registry.keys.get(scope.parts[0])
+            team_of_key = info.team_id if info else None
+        decision = authorize(caller, Action.READ, BudgetTarget(scope), team_of_key=team_of_key)
+    if isinstance(decision, Denied):
+        raise Forbidden(decision.reason, code=decision.code)
+
+
+def health_router(gate: Gate, metrics: GateMetrics) -> APIRouter:
+    """``/healthz``, ``/readyz`` and ``/metrics`` (no authentication)."""
+    router = APIRouter(tags=["health"])
+
+    @router.get("/healthz", summary="The process is up")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/readyz", summary="200 once config, decisions and state are caught up (503 before)")
+    async def readyz() -> JSONResponse:
+        ready = gate.follower.ready
+        body = {"ready": ready, "state_lag_ms": gate.lag_ms()}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @router.get("/metrics", summary="Prometheus metrics")
+    async def prometheus() -> Response:
+        data, content_type = metrics.render()
+        return Response(data, media_type=content_type)
+
+    return router

@@ -1,0 +1,275 @@
+"""Who may do what on the control plane and the gate (CONTRACT §4), as one pure function.
+
+``authorize`` takes everything it needs as arguments (the caller's principal, the action, the
+target, and the registry facts the rule depends on) and answers ``Allowed`` or
+``Denied(reason, code)``; a deny is data, never an exception. The adapter that calls it reads
+those facts in the same transaction as the write they guard.
+
+Rules:
+- ``admin`` may do anything.
+- ``team_admin`` of team T may read T (the team, its members, keys and budgets), register keys
+  into T (a new key, or one already in T), add/remove members of T, and set or remove budgets
+  on ``key:K`` (K in T), ``member:T/U`` and ``key_model:K/M`` (K in T). Every limit it sets must
+  be <= team T's limit for the same window when T's budget has one; the ceiling is always the
+  parent team's budget, never anything about the caller's own token (seed 000). It may not
+  mint or revoke tokens: a gateway token can ingest spend for any key and a viewer token can
+  read every team, both beyond T's authority.
+- ``viewer`` reads everything but tokens and the audit log.
+- ``gateway`` may only check and ingest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from spendgate.domain.budgets import Budget
+from spendgate.domain.money import format_usd
+from spendgate.domain.scopes import Scope, ScopeKind
+
+
+class Role(StrEnum):
+    ADMIN = "admin"
+    TEAM_ADMIN = "team_admin"
+    VIEWER = "viewer"
+    GATEWAY = "gateway"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller. ``team_id`` is set for ``team_admin`` (and team-bound tokens)."""
+
+    role: Role
+    team_id: str | None = None
+    token_id: str = "anonymous"
+
+
+class Action(StrEnum):
+    READ = "read"
+    WRITE = "write"  # PUT of a registry entity or budget; minting a token
+    DELETE = "delete"  # DELETE of an entity or budget; revoking a token
+    CHECK = "check"  # gate: /v1/check, /v1/authorize, /v1/spend
+    INGEST = "ingest"  # gate: /v1/events
+
+
+@dataclass(frozen=True, slots=True)
+class OrgTarget:
+    org_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TeamTarget:
+    """Team T itself; also what listing T's members, keys or budgets reads."""
+
+    team_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyTarget:
+    """Key K; ``team_id`` is the team a WRITE puts it in (its current team comes as ``team_of_key``)."""
+
+    key_id: str
+    team_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MemberTarget:
+    team_id: str
+    user_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetTarget:
+    """The budget on ``scope``; ``budget`` is the one a WRITE sets."""
+
+    scope: Scope
+    budget: Budget | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenTarget:
+    """A token being minted (``role``, ``team_id``) or revoked."""
+
+    role: Role | None = None
+    team_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditTarget:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class CollectionTarget:
+    """Every entity of a kind (``orgs``, ``teams``, ``keys``, ``budgets``), across all teams."""
+
+    kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class GateTarget:
+    pass
+
+
+Target = (
+    OrgTarget
+    | TeamTarget
+    | KeyTarget
+    | MemberTarget
+    | BudgetTarget
+    | TokenTarget
+    | AuditTarget
+    | CollectionTarget
+    | GateTarget
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Allowed:
+    def __bool__(self) -> bool:
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class Denied:
+    """``code`` is ``forbidden`` or ``ceiling_exceeded`` (both answered 403)."""
+
+    reason: str
+    code: str = "forbidden"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+Decision = Allowed | Denied
+
+ALLOWED = Allowed()
+
+
+def authorize(
+    principal: Principal,
+    action: Action,
+    target: Target,
+    *,
+    team_of_key: str | None = None,
+    key_exists: bool = False,
+    parent_budget: Budget | None = None,
+) -> Decision:
+    """May ``principal`` do ``action`` on ``target``?
+
+    - ``team_of_key``: the registry team of the key the target names (``KeyTarget``, or a
+      ``key:K`` / ``key_model:K/M`` budget scope); ``None`` when the key has no team or is unknown.
+    - ``key_exists``: whether that key is registered at all (a team admin may not claim a
+      registered key that is not in its team).
+    - ``parent_budget``: the budget of the team that owns the target scope (for a budget WRITE
+      by a team admin); ``None`` or no limits means no ceiling.
+
+    Pure: no I/O, same answer for the same arguments.
+    """
+    role = principal.role
+    if role is Role.ADMIN:
+        return ALLOWED
+    if role is Role.GATEWAY:
+        if isinstance(target, GateTarget) and action in (Action.CHECK, Action.INGEST):
+            return ALLOWED
+        return Denied("a gateway token may only check and ingest")
+    if isinstance(target, GateTarget):
+        return Denied(f"role {role} may not check or ingest; use a gateway token")
+    if role is Role.VIEWER:
+        if action is not Action.READ:
+            return Denied("a viewer token is read-only")
+        if isinstance(target, TokenTarget | AuditTarget):
+            return Denied("only an admin may read tokens and the audit log")
+        return ALLOWED
+    if role is Role.TEAM_ADMIN:
+        return _team_admin(principal, action, target, team_of_key, key_exists, parent_budget)
+    return Denied(f"unknown role {role}")  # pragma: no cover - Role is closed
+
+
+def _team_admin(
+    principal: Principal,
+    action: Action,
+    target: Target,
+    team_of_key: str | None,
+    key_exists: bool,
+    parent_budget: Budget | None,
+) -> Decision:
+    team = principal.team_id
+    if team is None:
+        return Denied("this team_admin token is bound to no team")
+    if action not in (Action.READ, Action.WRITE, Action.DELETE):
+        return Denied(f"a team_admin may not {action}")
+    not_yours = f"team_admin of team {team} may only act on team {team}"
+    match target:
+        case TeamTarget(team_id=t):
+            if t != team:
+                return Denied(not_yours)
+            if action is Action.READ:
+                return ALLOWED
+            return Denied("only an admin may create, change or delete teams")
+        case KeyTarget(key_id=k, team_id=new_team):
+            if action is Action.WRITE:
+                if new_team != team:
+                    return Denied(f"team_admin of team {team} may only register keys into team {team}")
+                if key_exists and team_of_key != team:
+                    return Denied(f"key {k} is registered outside team {team}")
+                return ALLOWED
+            if team_of_key != team:
+                return Denied(f"key {k} is not in team {team}")
+            return ALLOWED
+        case MemberTarget(team_id=t):
+            return ALLOWED if t == team else Denied(not_yours)
+        case BudgetTarget(scope=scope, budget=budget):
+            return _team_admin_budget(team, action, scope, budget, team_of_key, parent_budget)
+        case OrgTarget():
+            return Denied("only an admin may manage orgs")
+        case TokenTarget():
+            return Denied("only an admin may mint or revoke tokens")
+        case AuditTarget():
+            return Denied("only an admin may read the audit log")
+        case CollectionTarget(kind=kind):
+            return Denied(f"a team_admin lists {kind} of its own team only (filter by team_id={team})")
+    return Denied(not_yours)
+
+
+def _team_admin_budget(
+    team: str,
+    action: Action,
+    scope: Scope,
+    budget: Budget | None,
+    team_of_key: str | None,
+    parent_budget: Budget | None,
+) -> Decision:
+    kind = scope.kind
+    if kind is ScopeKind.TEAM:
+        if scope.parts[0] != team:
+            return Denied(f"team_admin of team {team} may only act on team {team}")
+        if action is Action.READ:
+            return ALLOWED
+        return Denied(f"only an admin may set the budget of team {team}")
+    if kind is ScopeKind.MEMBER:
+        if scope.parts[0] != team:
+            return Denied(f"member scope {scope} is not in team {team}")
+    elif kind in (ScopeKind.KEY, ScopeKind.KEY_MODEL):
+        if team_of_key != team:
+            return Denied(f"key {scope.parts[0]} is not in team {team}")
+    else:
+        return Denied(f"a team_admin may not manage {kind} budgets")
+    if action is Action.WRITE and budget is not None:
+        return within_ceiling(budget, parent_budget, team)
+    return ALLOWED
+
+
+def within_ceiling(budget: Budget, parent_budget: Budget | None, team: str) -> Decision:
+    """Each limit of ``budget`` must be <= the parent team's limit for the same window, if any."""
+    if parent_budget is None:
+        return ALLOWED
+    for lim in budget.limits:
+        ceiling = parent_budget.limit_for(lim.window)
+        if ceiling is not None and lim.max_nanos > ceiling.max_nanos:
+            return Denied(
+                f"limit {format_usd(lim.max_nanos)} for window {lim.window} exceeds "
+                f"team {team}'s limit {format_usd(ceiling.max_nanos)}",
+                code="ceiling_exceeded",
+            )
+    return ALLOWED

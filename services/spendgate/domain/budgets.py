@@ -1,0 +1,108 @@
+"""Budgets: a list of limits on one scope, each identified by its window, never its position.
+
+``null`` or ``[]`` limits mean "no limit on this scope" (an ordinary member of a team, say).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from zoneinfo import ZoneInfo
+
+from spendgate.domain.errors import InvalidInput
+from spendgate.domain.money import Nanos, format_usd, parse_usd
+from spendgate.domain.windows import WindowSpec, zone
+
+MAX_LIMITS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    window: WindowSpec
+    max_nanos: Nanos
+    soft_nanos: Nanos | None = None
+
+    def to_json(self) -> dict[str, str]:
+        out = {"window": str(self.window), "max_usd": format_usd(self.max_nanos)}
+        if self.soft_nanos is not None:
+            out["soft_usd"] = format_usd(self.soft_nanos)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """The limits of one scope; ``limits`` is sorted by window text, so edits never misalign."""
+
+    limits: tuple[Limit, ...] = ()
+    tz: str = "UTC"
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return zone(self.tz)
+
+    @property
+    def is_unlimited(self) -> bool:
+        return not self.limits
+
+    def limit_for(self, window: WindowSpec) -> Limit | None:
+        return next((lim for lim in self.limits if lim.window == window), None)
+
+    def to_json(self) -> dict[str, object]:
+        return {"limits": [lim.to_json() for lim in self.limits], "tz": self.tz}
+
+
+NO_BUDGET = Budget()
+
+
+def parse_limit(raw: object, index: int) -> Limit:
+    field = f"limits[{index}]"
+    if not isinstance(raw, Mapping):
+        raise InvalidInput("must be an object with window and max_usd", field=field)
+    unknown = set(raw) - {"window", "max_usd", "soft_usd"}
+    if unknown:
+        raise InvalidInput(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}", field=field)
+    if "window" not in raw or "max_usd" not in raw:
+        raise InvalidInput("window and max_usd are required", field=field)
+    try:
+        window = WindowSpec.parse(raw["window"])
+    except InvalidInput as exc:
+        raise exc.at(field) from None
+    max_nanos = parse_usd(raw["max_usd"], field=f"{field}.max_usd")
+    soft = raw.get("soft_usd")
+    soft_nanos = None if soft is None else parse_usd(soft, field=f"{field}.soft_usd")
+    if soft_nanos is not None and soft_nanos > max_nanos:
+        raise InvalidInput("soft_usd must not exceed max_usd", field=f"{field}.soft_usd")
+    return Limit(window, max_nanos, soft_nanos)
+
+
+def parse_budget(raw: object) -> Budget:
+    """Validate a budget body (CONTRACT §3); raises ``InvalidInput`` naming the field."""
+    if raw is None:
+        return NO_BUDGET
+    if not isinstance(raw, Mapping):
+        raise InvalidInput("budget must be an object with limits and tz", field="body")
+    unknown = set(raw) - {"limits", "tz"}
+    if unknown:
+        raise InvalidInput(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}", field="body")
+    tz = raw.get("tz") or "UTC"
+    if not isinstance(tz, str):  # zone() is lru-cached: an unhashable name would raise TypeError
+        raise InvalidInput("must be an IANA time zone name", field="tz")
+    zone(tz)
+    limits_raw = raw.get("limits")
+    if limits_raw is None:
+        return Budget((), tz)
+    if not isinstance(limits_raw, list):
+        raise InvalidInput("must be a list or null", field="limits")
+    if len(limits_raw) > MAX_LIMITS:
+        raise InvalidInput(f"at most {MAX_LIMITS} limits", field="limits")
+    limits = [parse_limit(item, i) for i, item in enumerate(limits_raw)]
+    return Budget(_unique(limits), tz)
+
+
+def _unique(limits: Iterable[Limit]) -> tuple[Limit, ...]:
+    seen: dict[WindowSpec, Limit] = {}
+    for i, lim in enumerate(limits):
+        if lim.window in seen:
+            raise InvalidInput(f"two limits with window {lim.window}", field=f"limits[{i}].window")
+        seen[lim.window] = lim
+    return tuple(sorted(seen.values(), key=lambda lim: str(lim.window)))

@@ -1,0 +1,187 @@
+"""The gate's pure logic: may this request run, and if not, which windows bind and until when.
+
+CONTRACT §2-§4. The scope set comes from the request's own fields and the registry only
+(``attribution.scopes_for``): nothing from one request is remembered for the next. A scope of
+the set binds when
+
+(a) its latest decision is blocked and not every listed ``resets_at`` has passed (a ``total``
+    window never resets), or
+(b) it has a budget with a limit whose current window (the state entry with
+    ``start <= now < resets_at``; an entry whose window is over counts as 0 spend) has
+    ``spend >= limit``, or, with an estimate ``e``, ``spend + e > limit``.
+
+A request is allowed only if no scope binds. A deny is data: ``CheckResult(allowed=False, …)``.
+
+Pure and fast: no I/O, no pydantic; money is integer nano-dollars, time is epoch seconds passed
+in as ``now``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from spendgate.domain.attribution import scopes_for
+from spendgate.domain.gate_state import CompiledBudget, GateState, HeldDecision, HeldState
+from spendgate.domain.money import Nanos, format_usd
+from spendgate.domain.windows import iso, window_bounds
+
+
+@dataclass(frozen=True, slots=True)
+class CheckRequest:
+    """What a gateway asks about (the fields of ``POST /v1/check``), money in nano-dollars."""
+
+    key_id: str
+    end_user_id: str | None = None
+    model: str | None = None
+    tags: Sequence[str] | None = ()
+    user_id: str | None = None
+    team_id: str | None = None
+    org_id: str | None = None
+    estimated_cost_nanos: Nanos | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """One window that denies the request."""
+
+    scope: str
+    window: str
+    spend: Nanos
+    limit: Nanos
+    resets_at: float | None
+    resets_at_text: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        resets = self.resets_at_text
+        if resets is None and self.resets_at is not None:
+            resets = iso(int(self.resets_at))
+        return {
+            "scope": self.scope,
+            "window": self.window,
+            "spend_usd": format_usd(self.spend),
+            "limit_usd": format_usd(self.limit),
+            "resets_at": resets,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    allowed: bool
+    blocked_by: tuple[Binding, ...] = ()
+    retry_after_s: int | None = None
+    degraded: bool = False
+
+    def to_json(self, state_lag_ms: int) -> dict[str, Any]:
+        """The body of ``POST /v1/check`` (CONTRACT §4)."""
+        return {
+            "allowed": self.allowed,
+            "blocked_by": [b.to_json() for b in self.blocked_by],
+            "retry_after_s": self.retry_after_s,
+            "degraded": self.degraded,
+            "state_lag_ms": state_lag_ms,
+        }
+
+
+ALLOWED = CheckResult(True)
+DEGRADED_OPEN = CheckResult(True, degraded=True)
+DEGRADED_CLOSED = CheckResult(False, degraded=True)
+
+
+def degraded(fail_open: bool) -> CheckResult:
+    """The answer when the gate's state cannot be trusted (not caught up, or too stale)."""
+    return DEGRADED_OPEN if fail_open else DEGRADED_CLOSED
+
+
+def check(request: CheckRequest, state: GateState, now: float) -> CheckResult:
+    """Judge ``request`` against the materialized ``state`` at ``now`` (epoch seconds)."""
+    decisions = state.decisions
+    budgets = state.budgets
+    states = state.states
+    estimate = request.estimated_cost_nanos
+    found: list[Binding] | None = None
+    for scope in scopes_for(request, state.registry):
+        decision = decisions.get(scope)
+        budget = budgets.get(scope)
+        unblocked = decision is None or not decision[1]  # then only rule (b) can bind
+        if unblocked and (budget is None or not _over_budget(budget, states.get(scope), now, estimate)):
+            continue
+        bindings = scope_bindings(scope, decision, budget, states.get(scope), now, estimate)
+        if bindings:
+            if found is None:
+                found = bindings
+            else:
+                found.extend(bindings)
+    if not found:
+        return ALLOWED
+    return CheckResult(False, tuple(found), retry_after(found, now))
+
+
+def _over_budget(budget: CompiledBudget, state: HeldState | None, now: float, estimate: Nanos | None) -> bool:
+    """Rule (b) as a yes/no on plain tuples and one dict: the hot path of an allowed request."""
+    by_window = state[2] if state is not None else _NO_WINDOWS
+    for window, cap in budget[2]:
+        held = by_window.get(window)
+        if held is None:
+            spend = 0
+        else:
+            start, resets, spend = held
+            if resets is not None and not ((start is None or start <= now) and now < resets):
+                spend = 0  # that window is over: nothing spent in the current one yet
+        if spend >= cap or (estimate is not None and spend + estimate > cap):
+            return True
+    return False
+
+
+_NO_WINDOWS: dict[str, tuple[float | None, float | None, Nanos]] = {}
+
+
+def scope_bindings(
+    scope: str,
+    decision: HeldDecision | None,
+    budget: CompiledBudget | None,
+    state: HeldState | None,
+    now: float,
+    estimate: Nanos | None = None,
+) -> list[Binding]:
+    """The windows of one scope that bind at ``now`` (rules (a) and (b)), one per window.
+
+    When a window binds by both rules, the state-derived entry (current spend and limit) wins.
+    """
+    out: dict[str, Binding] = {}
+    if decision is not None and decision.blocked:
+        for w in decision.windows:
+            if w.resets_at is None or w.resets_at > now:
+                out[w.window] = Binding(scope, w.window, w.spend, w.limit or 0, w.resets_at, w.resets_at_text)
+    if budget is not None:
+        held_windows = state.windows if state is not None else ()
+        for limit in budget.limits:
+            window = limit.window
+            spend = 0
+            resets_at: float | None = None
+            resets_text: str | None = None
+            known = False
+            for held in held_windows:
+                if held.window == window:
+                    r = held.resets_at
+                    if r is None or ((held.start is None or held.start <= now) and now < r):
+                        spend, resets_at, resets_text, known = held.spend, r, held.resets_at_text, True
+                    break
+            cap = limit.max_nanos
+            if spend >= cap or (estimate is not None and spend + estimate > cap):
+                if not known and not limit.spec.is_total:
+                    resets_at = float(window_bounds(limit.spec, int(now), budget.zone)[1])
+                out[window] = Binding(scope, window, spend, cap, resets_at, resets_text)
+    return list(out.values())
+
+
+def retry_after(bindings: Sequence[Binding], now: float) -> int | None:
+    """Whole seconds until every binding window has reset; None when one never resets."""
+    latest = 0.0
+    for b in bindings:
+        if b.resets_at is None:
+            return None
+        latest = max(latest, b.resets_at)
+    return max(1, math.ceil(latest - now))

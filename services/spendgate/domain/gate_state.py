@@ -1,0 +1,208 @@
+"""What the gate holds in memory: the registry, the latest decision and state of every scope.
+
+Built only from the decoded JSON of ``spend.config``, ``spend.decisions`` and ``spend.state``
+records (CONTRACT §2), applied in the order they arrive. Every ``apply_*`` is O(1) per record
+(O(windows) for one record), idempotent, and ignores stale records:
+
+- a config record whose ``version`` is lower than the one held for its key (``RegistryView``);
+- a decision whose ``seq`` is not higher than the held one for its scope;
+- a state record whose ``as_of`` is older than the held one for its scope.
+
+Everything the check reads is pre-parsed here (money to nano-dollars, timestamps to epoch
+seconds, budgets to flat tuples) so ``domain.check.check`` does dictionary look-ups and integer
+comparisons only. Records are kept as tuples, not objects, to keep 100,000 scopes compact.
+
+Raises ``InvalidInput`` / ``KeyError`` / ``TypeError`` / ``ValueError`` for a record that is not
+what the contract says; the caller (the follower) counts and skips it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+from zoneinfo import ZoneInfo
+
+from spendgate.domain.money import NANOS_PER_USD, Nanos, parse_usd
+from spendgate.domain.registry import ConfigChange, RegistryView
+from spendgate.domain.windows import WindowSpec
+
+
+class HeldWindow(NamedTuple):
+    """One window of a decision (binding) or a state record (current spend)."""
+
+    window: str
+    start: float | None  # state only; None for ``total`` and for decision windows
+    resets_at: float | None  # epoch seconds; None = never (``total``)
+    spend: Nanos
+    limit: Nanos | None  # decision only
+    resets_at_text: str | None  # as it came on the wire, for answers
+
+
+class HeldDecision(NamedTuple):
+    seq: int
+    blocked: bool
+    windows: tuple[HeldWindow, ...]
+
+
+class HeldState(NamedTuple):
+    as_of: float
+    windows: tuple[HeldWindow, ...]
+    by_window: dict[str, tuple[float | None, float | None, Nanos]]  # window -> (start, resets_at, spend)
+
+
+class CompiledLimit(NamedTuple):
+    window: str
+    spec: WindowSpec
+    max_nanos: Nanos
+    soft_nanos: Nanos | None
+
+
+class CompiledBudget(NamedTuple):
+    limits: tuple[CompiledLimit, ...]
+    zone: ZoneInfo
+    caps: tuple[tuple[str, Nanos], ...]  # (window, max_nanos) of every limit: the hot path's view
+
+
+def nanos(value: object) -> Nanos:
+    """A wire dollar amount (``"12.5"``) in nano-dollars, exactly; fast path for plain decimals."""
+    if type(value) is str:
+        whole, dot, frac = value.partition(".")
+        if (
+            whole.isascii()
+            and whole.isdigit()
+            and (not dot or (frac.isascii() and frac.isdigit() and len(frac) <= 9))
+        ):
+            return int(whole) * NANOS_PER_USD + (int(frac.ljust(9, "0")) if dot else 0)
+    return parse_usd(value)
+
+
+def epoch(value: object) -> float | None:
+    """An RFC 3339 timestamp (``…Z`` or with an offset) in epoch seconds; ``None`` stays ``None``."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError("timestamp must be a string")
+    parsed = datetime.fromisoformat(value)
+    if parsed.tzinfo is None:  # the contract says "with offset"; a naive one is read as UTC
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+class GateState:
+    """The gate's materialized view. Not thread-safe: one event loop applies and reads it."""
+
+    __slots__ = ("registry", "decisions", "states", "budgets", "records_applied")
+
+    def __init__(self, registry: RegistryView | None = None) -> None:
+        self.registry = registry if registry is not None else RegistryView()
+        self.decisions: dict[str, HeldDecision] = {}
+        self.states: dict[str, HeldState] = {}
+        self.budgets: dict[str, CompiledBudget] = {}
+        self.records_applied = 0
+        for scope in self.registry.budgets:
+            self._compile(scope)
+
+    # --- apply ----------------------------------------------------------------------------
+
+    def apply_config(self, key: str, value: Mapping[str, Any] | None) -> ConfigChange | None:
+        """Apply one ``spend.config`` record (``value`` None = deleted); see ``RegistryView.apply``."""
+        change = self.registry.apply(key, value)
+        if change is not None and change.type == "budget" and change.scope is not None:
+            self._compile(change.scope)
+        self.records_applied += 1
+        return change
+
+    def apply_decision(self, value: Mapping[str, Any] | None, key: str | None = None) -> bool:
+        """Apply one ``spend.decisions`` record; False when it was stale (``seq`` not higher).
+
+        A tombstone (``value`` None, ``key`` = scope) forgets the scope's decision.
+        """
+        self.records_applied += 1
+        if value is None:
+            return key is not None and self.decisions.pop(key, None) is not None
+        scope = value["scope"]
+        seq = int(value["seq"])
+        held = self.decisions.get(scope)
+        if held is not None and seq <= held.seq:
+            return False
+        blocked = bool(value["blocked"])
+        windows = (
+            tuple(
+                HeldWindow(
+                    w["window"],
+                    None,
+                    epoch(w.get("resets_at")),
+                    nanos(w["spend_usd"]),
+                    nanos(w["limit_usd"]),
+                    w.get("resets_at"),
+                )
+                for w in value.get("windows") or ()
+            )
+            if blocked
+            else ()
+        )
+        self.decisions[scope] = HeldDecision(seq, blocked, windows)
+        return True
+
+    def apply_state(self, value: Mapping[str, Any] | None, key: str | None = None) -> bool:
+        """Apply one ``spend.state`` record; False when older (``as_of``) than the held one."""
+        self.records_applied += 1
+        if value is None:
+            return key is not None and self.states.pop(key, None) is not None
+        scope = value["scope"]
+        as_of = epoch(value["as_of"]) or 0.0
+        held = self.states.get(scope)
+        if held is not None and as_of < held.as_of:
+            return False
+        windows = tuple(
+            HeldWindow(
+                w["window"],
+                epoch(w.get("start")),
+                epoch(w.get("resets_at")),
+                nanos(w["spend_usd"]),
+                None,
+                w.get("resets_at"),
+            )
+            for w in value.get("windows") or ()
+        )
+        self.states[scope] = HeldState(
+            as_of, windows, {w.window: (w.start, w.resets_at, w.spend) for w in windows}
+        )
+        return True
+
+    # --- read -----------------------------------------------------------------------------
+
+    def current_window(self, scope: str, window: str, now: float) -> HeldWindow | None:
+        """The state entry of ``scope``'s ``window`` when it holds ``now`` (None when over or unknown)."""
+        state = self.states.get(scope)
+        if state is None:
+            return None
+        for held in state.windows:
+            if held.window == window:
+                return held if is_current(held, now) else None
+        return None
+
+    def __len__(self) -> int:
+        return len(self.decisions.keys() | self.states.keys() | self.budgets.keys())
+
+    def _compile(self, scope: str) -> None:
+        budget = self.registry.budgets.get(scope)
+        if budget is None or budget.is_unlimited:
+            self.budgets.pop(scope, None)
+            return
+        limits = tuple(
+            CompiledLimit(str(lim.window), lim.window, lim.max_nanos, lim.soft_nanos) for lim in budget.limits
+        )
+        self.budgets[scope] = CompiledBudget(
+            limits, budget.zone, tuple((lim.window, lim.max_nanos) for lim in limits)
+        )
+
+
+def is_current(held: HeldWindow, now: float) -> bool:
+    """A state window counts while ``start <= now < resets_at`` (``total`` always counts)."""
+    resets = held.resets_at
+    if resets is None:
+        return True
+    start = held.start
+    return (start is None or start <= now) and now < resets

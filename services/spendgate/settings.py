@@ -1,0 +1,49 @@
+"""Process settings: one frozen object per process, read from SPENDGATE_* environment variables.
+
+Nothing else in spendgate reads ``os.environ``; the CLI builds a ``Settings`` and passes it down.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class FailMode(StrEnum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class Settings(BaseSettings):
+    """Every knob of spendgate. Defaults suit the embedded dev stack."""
+
+    model_config = SettingsConfigDict(env_prefix="SPENDGATE_", frozen=True, extra="ignore")
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    database_url: str = ""
+    topic_prefix: str = "spend."
+    partitions: int = Field(default=8, ge=1, le=1024)
+
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8080, ge=0, le=65535)
+    kafka_port: int = Field(default=9092, ge=0, le=65535)
+    worker_web_port: int = Field(default=6066, ge=0, le=65535)
+    data_dir: Path = Path(".spendgate")
+
+    admin_token: SecretStr | None = None
+    fail_mode: FailMode = FailMode.OPEN
+    max_staleness_s: float = Field(default=30.0, gt=0)
+    state_interval_ms: int = Field(default=100, ge=1)
+    dedupe_horizon_h: int = Field(default=24, ge=1)
+    replication_factor: int = Field(default=1, ge=1, description="of the worker's changelog topics")
+    worker_id: str = "spendgate-worker"
+    log_level: str = "INFO"
+
+    dev: bool = False
+
+    def topic(self, name: str) -> str:
+        """Full topic name for a contract topic short name (``usage`` -> ``spend.usage``)."""
+        return f"{self.topic_prefix}{name}"

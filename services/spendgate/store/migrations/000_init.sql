@@ -1,0 +1,3 @@
+-- Version 000: the baseline. The runner (store/migrate.py) creates `schema_migrations` itself
+-- before applying anything, so this migration has no statements; it marks an initialised
+-- database. Domain tables start at 001.

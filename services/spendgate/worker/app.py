@@ -1,0 +1,331 @@
+"""The accounting worker: Faust wiring around the pure stages (``ingest``, ledger, ``publish``).
+
+Stage A, agent ``ingest`` on ``spend.usage`` (keyed by key id), per batch:
+  1. plan the batch (validate, dedupe by event id, attribute, aggregate per scope);
+  2. write the new seen ids and ``progress[p]`` to their tables, await the broker's acks;
+  3. produce dead letters, and the deltas bundled per ``worker.deltas`` partition of their
+     scope (one record per partition per batch), await the acks;
+  4. return, so Faust acks the events and commits their offsets later.
+Stage B, agent ``aggregate`` on ``worker.deltas`` (a scope always in the same partition), per batch:
+  1. apply each delta to the scope's ledger (idempotent per record, see ``domain.ledger``);
+  2. write the changed ledger records, await the acks;
+  3. decide budgeted scopes now and publish decisions/alerts; mark the scope's state dirty.
+Timers publish coalesced state, re-decide scopes whose window reset, and expire old records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from typing import Any, cast
+
+import faust
+from aiokafka.partitioner import murmur2
+from faust.tables.base import Collection
+from faust.types import TP
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from spendgate.domain.decide import decide
+from spendgate.domain.ledger import HOT, DayRecord, HotRecord, ScopeLedger
+from spendgate.domain.registry import ConfigChange, RegistryView
+from spendgate.records import Source
+from spendgate.settings import Settings
+from spendgate.worker import metrics
+from spendgate.worker.faust_app import (
+    assigned_partitions,
+    flush,
+    make_app,
+    partitions_ready,
+    send_batches,
+    send_many,
+    write_in_partition,
+)
+from spendgate.worker.ingest import Delta, RawRecord, decode_bundle, encode_bundle, plan_batch
+from spendgate.worker.publish import Publisher, state_json
+from spendgate.worker.seen import SeenIds
+
+log = logging.getLogger(__name__)
+
+INGEST_BATCH = 5000
+INGEST_WITHIN_S = 0.1
+AGGREGATE_BATCH = 64
+AGGREGATE_WITHIN_S = 0.02
+
+
+def day_key(scope: str, day: int) -> str:
+    return f"{scope}@{day}"
+
+
+@lru_cache(maxsize=1_000_000)
+def partition_of(key: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives ``key`` (murmur2, as the producers use)."""
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+
+class Worker:
+    """State and behaviour of one worker process; the Faust agents call into it."""
+
+    def __init__(self, settings: Settings, app: faust.App) -> None:
+        self.settings = settings
+        self.app = app
+        self.registry = RegistryView()
+        self.config_ready = asyncio.Event()
+        self.publisher = Publisher()
+        self.ledgers: dict[str, ScopeLedger] = {}
+        self.ledgers_built_for: frozenset[int] | None = None
+        self.dirty: dict[str, Source | None] = {}
+        self.sources: dict[str, Source] = {}  # the last usage event (or config change) per scope
+        self.due: list[tuple[float, str]] = []
+        self.seen_ids = SeenIds(settings.dedupe_horizon_h * 3600)
+
+        topic = settings.topic
+        raw: dict[str, Any] = {
+            "key_type": bytes,
+            "value_type": bytes,
+            "key_serializer": "raw",
+            "value_serializer": "raw",
+        }
+        self.usage = app.topic(topic("usage"), **raw)
+        self.deltas = app.topic(topic("worker.deltas"), **raw)
+        self.outputs = {
+            name: app.topic(topic(name), **raw) for name in ("usage.dlq", "decisions", "state", "alerts")
+        }
+        n = settings.partitions
+        # app.Table is typed as TableT, which lacks the store access the write helpers need.
+        self.seen = cast(Collection, app.Table("seen", partitions=n, key_type=str))
+        self.progress = cast(Collection, app.Table("progress", partitions=n, key_type=str))
+        self.ledger_table = cast(Collection, app.Table("ledger", partitions=n, key_type=str))
+
+    # ---- config -------------------------------------------------------------------------
+
+    def on_config(self, key: str, value: dict[str, Any] | None, source: Source | None = None) -> None:
+        change = self.registry.apply(key, value)
+        if change is not None and change.type == "budget" and change.scope:
+            if source is not None and change.scope not in self.sources:
+                self.sources[change.scope] = source
+            self._schedule_if_owned(change)
+
+    def _schedule_if_owned(self, change: ConfigChange) -> None:
+        assert change.scope is not None
+        if partition_of(change.scope, self.settings.partitions) in self.owned_partitions():
+            heapq.heappush(self.due, (0.0, change.scope))
+
+    def owned_partitions(self) -> set[int]:
+        return assigned_partitions(self.app, self.deltas)
+
+    # ---- stage A --------------------------------------------------------------------------
+
+    async def ingest(self, events: Sequence[faust.EventT]) -> None:
+        records = [
+            RawRecord(e.message.partition, e.message.offset, e.message.value, e.message.key) for e in events
+        ]
+        partitions = {r.partition for r in records}
+        for p in partitions:
+            if not self.seen_ids.is_loaded(p):
+                self.seen_ids.load(p, self.seen.data.items())
+        progress = {p: int(self.progress.data.get(str(p), -1)) for p in partitions}
+        plan = plan_batch(
+            records,
+            seen=self.seen_ids.offset_of,
+            progress=progress,
+            registry=self.registry,
+            topic=self.usage.get_topic_name(),
+        )
+        now = time.time()
+        by_partition: dict[int, dict[str, int]] = {}
+        for event_id, (p, offset) in plan.seen_new.items():
+            by_partition.setdefault(p, {})[event_id] = offset
+        futures = []
+        for p in partitions:
+            items: list[tuple[str, Any]] = [(key, None) for key in self.seen_ids.expire(p, now)]
+            record = self.seen_ids.remember(p, by_partition.get(p, {}), now)
+            if record is not None:
+                items.append(record)
+            if p in plan.progress:
+                futures += await write_in_partition(self.progress, p, [(str(p), plan.progress[p])])
+            futures += await write_in_partition(self.seen, p, items)
+        await flush(self.app, futures)  # 2. durable before anything downstream sees the batch
+        await send_many(  # 3. dead letters keyed as received
+            self.outputs["usage.dlq"],
+            [(r.key, letter.model_dump_json().encode()) for r, letter in plan.dead_letters],
+        )
+        bundles: dict[int, list[Delta]] = {}
+        for delta in plan.deltas:
+            bundles.setdefault(partition_of(delta.scope, self.settings.partitions), []).append(delta)
+        await send_many(self.deltas, [(None, encode_bundle(ds), q) for q, ds in bundles.items()])
+        metrics.DELTAS.labels(stage="emitted").inc(len(plan.deltas))
+        for _, letter in plan.dead_letters:
+            metrics.DEAD_LETTERS.labels(reason=letter.error.split(":")[0][:40]).inc()
+        metrics.EVENTS.inc(plan.events)
+        self._record_lag({r.partition: r.offset for r in records})
+        metrics.DUPLICATES.inc(plan.duplicates)
+
+    def _record_lag(self, last_offsets: dict[int, int]) -> None:
+        topic = self.usage.get_topic_name()
+        for partition, offset in last_offsets.items():
+            highwater = self.app.consumer.highwater(TP(topic, partition))
+            if highwater is not None:
+                metrics.CONSUMER_LAG.labels(partition=str(partition)).set(max(0, highwater - offset - 1))
+
+    # ---- stage B --------------------------------------------------------------------------
+
+    def _ledger(self, scope: str) -> ScopeLedger:
+        ledger = self.ledgers.get(scope)
+        if ledger is None:
+            raw = self.ledger_table.data.get(scope)
+            ledger = self.ledgers[scope] = ScopeLedger(HotRecord.from_json(raw) if raw else None)
+        return ledger
+
+    def _rebuild_ledgers(self, owned: set[int]) -> None:
+        """Load every owned scope's records from the (recovered) table into ledgers."""
+        hots: dict[str, HotRecord] = {}
+        days: dict[str, dict[int, DayRecord]] = {}
+        for key, value in list(self.ledger_table.data.items()):
+            scope, at, day = key.rpartition("@")[0], "@" in key, key.rpartition("@")[2]
+            if at and scope:
+                days.setdefault(scope, {})[int(day)] = DayRecord.from_json(value)
+            else:
+                hots[key] = HotRecord.from_json(value)
+        self.ledgers = {
+            scope: ScopeLedger(hots.get(scope), days.get(scope))
+            for scope in set(hots) | set(days)
+            if partition_of(scope, self.settings.partitions) in owned
+        }
+        for scope in list(self.publisher.published):
+            if scope not in self.ledgers:
+                self.publisher.forget(scope)
+        now = time.time()
+        for scope in self.registry.budgets:
+            if partition_of(scope, self.settings.partitions) in owned:
+                heapq.heappush(self.due, (now, scope))
+        self.ledgers_built_for = frozenset(owned)
+
+    def ensure_ledgers(self) -> None:
+        owned = self.owned_partitions()
+        if self.ledgers_built_for != owned:
+            self._rebuild_ledgers(owned)
+
+    async def aggregate(self, events: Sequence[faust.EventT]) -> None:
+        self.ensure_ledgers()
+        writes: dict[int, list[tuple[str, Any]]] = {}
+        touched: dict[str, tuple[int, int]] = {}
+        applied = 0
+        for event in events:
+            items = writes.setdefault(event.message.partition, [])
+            for delta in decode_bundle(event.message.value or b"[]"):
+                ledger = self._ledger(delta.scope)
+                for record_id in ledger.apply(delta.partition, delta.last, delta.minutes):
+                    if record_id == HOT:
+                        items.append((delta.scope, ledger.hot.to_json()))
+                    else:
+                        items.append((day_key(delta.scope, record_id), ledger.days[record_id].to_json()))
+                applied += 1
+                touched[delta.scope] = (delta.partition, delta.last)
+        futures = [
+            f for q, items in writes.items() for f in await write_in_partition(self.ledger_table, q, items)
+        ]
+        await flush(self.app, futures)
+        metrics.DELTAS.labels(stage="applied").inc(applied)
+        now = time.time()
+        for scope, (partition, offset) in touched.items():
+            self.dirty[scope] = self.sources[scope] = Source(partition=partition, offset=offset)
+        budgets = self.registry.budgets
+        await self._publish([(scope, self.sources[scope]) for scope in touched if scope in budgets], now)
+
+    def _source(self, scope: str) -> Source | None:
+        """What a record about ``scope`` reflects: its last delta, else what its ledger has seen."""
+        source = self.sources.get(scope)
+        if source is None and scope in self.ledgers and self.ledgers[scope].hot.watermarks:
+            partition, offset = max(self.ledgers[scope].hot.watermarks.items(), key=lambda item: item[1])
+            source = self.sources[scope] = Source(partition=partition, offset=offset)
+        return source
+
+    async def _publish(self, scopes: Iterable[tuple[str, Source | None]], now: float) -> None:
+        """Decide ``scopes`` and send what changed: one round trip for all of them."""
+        decisions, alerts = [], []
+        for scope, given in scopes:
+            source = given or self._source(scope)
+            out = self.publisher.evaluate(
+                scope, self.registry.budget(scope), self._ledger(scope), now, source
+            )
+            if out.decision is not None:
+                decisions.append((scope.encode(), out.decision.model_dump_json().encode()))
+                metrics.DECISIONS.labels(blocked=str(out.decision.blocked).lower()).inc()
+                self.dirty.setdefault(scope, source)
+            alerts += [(scope.encode(), alert.model_dump_json().encode()) for alert in out.alerts]
+            if out.status is not None and out.status.next_change_at is not None:
+                heapq.heappush(self.due, (out.status.next_change_at + 0.05, scope))
+        await send_many(self.outputs["decisions"], decisions)
+        await send_many(self.outputs["alerts"], alerts)
+
+    # ---- timers ---------------------------------------------------------------------------
+
+    async def tick(self) -> None:
+        """Re-decide due scopes (window resets, budget changes) and flush coalesced state."""
+        if not self.config_ready.is_set() or not partitions_ready(self.app, self.deltas):
+            return
+        self.ensure_ledgers()
+        now = time.time()
+        owned = self.ledgers_built_for or frozenset()
+        due: dict[str, None] = {}
+        while self.due and self.due[0][0] <= now:
+            _, scope = heapq.heappop(self.due)
+            if partition_of(scope, self.settings.partitions) in owned:
+                due[scope] = None
+        await self._publish(due.items(), now)
+        for scope in due:
+            self.dirty.setdefault(scope, None)
+        dirty, self.dirty = self.dirty, {}
+        records = []
+        for scope, source in dirty.items():
+            status = decide(self.registry.budget(scope), self._ledger(scope), int(now))
+            records.append((scope.encode(), state_json(scope, status, now, source or self._source(scope))))
+        await self._send_keyed(self.outputs["state"], records)
+        metrics.STATE_RECORDS.inc(len(records))
+
+    async def _send_keyed(self, topic: faust.TopicT, records: list[tuple[bytes, bytes]]) -> None:
+        """Send keyed records in per-partition batches (same partitions as the default partitioner)."""
+        by_partition: dict[int, list[tuple[bytes | None, bytes | None]]] = {}
+        for key, value in records:
+            by_partition.setdefault(partition_of(key.decode(), self.settings.partitions), []).append(
+                (key, value)
+            )
+        name = topic.get_topic_name()
+        futures = [f for p, rs in by_partition.items() for f in await send_batches(self.app, name, p, rs)]
+        await flush(self.app, futures)
+
+
+def build(settings: Settings) -> tuple[faust.App, Worker]:
+    app = make_app(settings)
+    worker = Worker(settings, app)
+
+    @app.agent(worker.usage, name="ingest")
+    async def ingest(stream: faust.StreamT) -> None:
+        await worker.config_ready.wait()
+        async for events in stream.take_events(INGEST_BATCH, within=INGEST_WITHIN_S):  # type: ignore[attr-defined]
+            started = time.perf_counter()
+            await worker.ingest(events)
+            metrics.BATCH_SECONDS.labels(stage="ingest").observe(time.perf_counter() - started)
+
+    @app.agent(worker.deltas, name="aggregate")
+    async def aggregate(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(AGGREGATE_BATCH, within=AGGREGATE_WITHIN_S):  # type: ignore[attr-defined]
+            started = time.perf_counter()
+            await worker.aggregate(events)
+            metrics.BATCH_SECONDS.labels(stage="aggregate").observe(time.perf_counter() - started)
+
+    @app.page("/metrics")
+    async def metrics_page(web: Any, request: Any) -> Any:
+        # aiohttp refuses a charset inside content_type; Prometheus reads the text format anyway.
+        return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+    @app.timer(settings.state_interval_ms / 1000)
+    async def tick() -> None:
+        await worker.tick()
+
+    return app, worker
+

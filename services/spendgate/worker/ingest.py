@@ -1,0 +1,164 @@
+"""Stage A, pure: one batch of raw ``spend.usage`` records -> dead letters, new seen ids, deltas.
+
+Exactly once without transactions (the embedded broker has none):
+
+1. Every record is validated; a record proven invalid becomes a dead letter with its reason.
+2. ``event_id`` is looked up in ``seen`` (remembered in the partition the event lives in, since
+   gateways key events by ``key_id``). An id already seen at *another* offset is a duplicate
+   and dropped; seen at *this* offset means the record is being replayed after a crash.
+3. Charges are aggregated per scope into minute buckets. Events at offsets above the
+   partition's ``progress`` (never emitted before) form one delta per (partition, scope) whose
+   ``last`` is the batch's last offset in that partition. Events at or below ``progress`` may
+   already have been emitted, so each becomes its own delta (``first == last == offset``): the
+   ledger's per-record watermark then applies exactly the ones that were lost.
+
+The caller persists ``seen_new`` and ``progress`` durably, then emits the deltas, then lets the
+offsets be committed: in that order.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from spendgate.domain.attribution import scopes_for
+from spendgate.domain.registry import RegistryView
+from spendgate.records import DeadLetter, UsageEvent
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    partition: int
+    offset: int
+    value: bytes | None
+    key: bytes | None = None
+
+
+@dataclass
+class Delta:
+    """Charges of one scope from one source partition, up to ``last`` (internal topic record)."""
+
+    scope: str
+    partition: int
+    first: int
+    last: int
+    minutes: dict[int, int] = field(default_factory=dict)
+
+    def add(self, minute: int, nanos: int) -> None:
+        self.minutes[minute] = self.minutes.get(minute, 0) + nanos
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "scope": self.scope,
+                "p": self.partition,
+                "first": self.first,
+                "last": self.last,
+                "m": {str(k): v for k, v in self.minutes.items()},
+            }
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes | Mapping[str, Any]) -> Delta:
+        data: Mapping[str, Any] = orjson.loads(raw) if isinstance(raw, bytes | bytearray | str) else raw
+        return cls(
+            str(data["scope"]),
+            int(data["p"]),
+            int(data["first"]),
+            int(data["last"]),
+            {int(k): int(v) for k, v in data["m"].items()},
+        )
+
+
+def encode_bundle(deltas: Sequence[Delta]) -> bytes:
+    """Many deltas in one internal record (all for scopes of one ``worker.deltas`` partition).
+
+    Bundling keeps stage B's per-record framework cost per batch, not per scope; order inside
+    a bundle is kept, so per-source-partition offset order per scope still holds.
+    """
+    return b"[" + b",".join(d.to_json() for d in deltas) + b"]"
+
+
+def decode_bundle(raw: bytes) -> list[Delta]:
+    return [Delta.from_json(item) for item in orjson.loads(raw)]
+
+
+@dataclass
+class BatchPlan:
+    dead_letters: list[tuple[RawRecord, DeadLetter]] = field(default_factory=list)
+    seen_new: dict[str, tuple[int, int]] = field(default_factory=dict)  # event id -> (partition, offset)
+    deltas: list[Delta] = field(default_factory=list)
+    progress: dict[int, int] = field(default_factory=dict)
+    events: int = 0
+    duplicates: int = 0
+
+
+def parse_usage(value: bytes | None) -> UsageEvent:
+    """Validate one raw record; raises ``ValueError`` with a readable reason when invalid."""
+    if value is None:
+        raise ValueError("empty record (null value)")
+    try:
+        return UsageEvent.model_validate_json(value)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "record"
+        if first.get("type") == "json_invalid":
+            raise ValueError(f"invalid JSON: {first.get('msg')}") from None
+        raise ValueError(f"{where}: {first.get('msg')}") from None
+
+
+def dead_letter(record: RawRecord, reason: str, topic: str) -> DeadLetter:
+    raw = base64.b64encode(record.value or b"").decode()
+    return DeadLetter(error=reason, raw=raw, topic=topic, partition=record.partition, offset=record.offset)
+
+
+def plan_batch(
+    records: Sequence[RawRecord],
+    *,
+    seen: Callable[[str], int | None],
+    progress: Mapping[int, int],
+    registry: RegistryView,
+    topic: str,
+) -> BatchPlan:
+    """Plan a batch (records of any partitions, in offset order within each). Pure."""
+    plan = BatchPlan()
+    batch_last: dict[int, int] = {}
+    for record in records:
+        batch_last[record.partition] = max(record.offset, batch_last.get(record.partition, -1))
+    fresh: dict[tuple[int, str], Delta] = {}
+    for record in records:
+        p, offset = record.partition, record.offset
+        try:
+            event = parse_usage(record.value)
+        except ValueError as exc:
+            plan.dead_letters.append((record, dead_letter(record, str(exc), topic)))
+            continue
+        in_batch = plan.seen_new.get(event.event_id)
+        previous = in_batch[1] if in_batch else seen(event.event_id)
+        if previous is not None and previous != offset:
+            plan.duplicates += 1
+            continue
+        plan.seen_new[event.event_id] = (p, offset)
+        plan.events += 1
+        nanos = event.charge_nanos
+        if not nanos:
+            continue
+        minute = int(event.occurred_at.timestamp()) // 60
+        replayed = offset <= progress.get(p, -1)
+        for scope in scopes_for(event, registry):
+            if replayed:
+                delta = Delta(scope, p, offset, offset)
+                plan.deltas.append(delta)
+            else:
+                delta = fresh.get((p, scope)) or fresh.setdefault(
+                    (p, scope), Delta(scope, p, offset, batch_last[p])
+                )
+            delta.add(minute, nanos)
+    plan.deltas.extend(fresh.values())
+    plan.progress = {p: last for p, last in batch_last.items() if last > progress.get(p, -1)}
+    return plan

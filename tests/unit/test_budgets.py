@@ -1,0 +1,152 @@
+"""domain.budgets: validated limits keyed by window, never by list position (CONTRACT §3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from factories import budget
+from spendgate.domain.budgets import MAX_LIMITS, NO_BUDGET, Budget, Limit, parse_budget
+from spendgate.domain.errors import InvalidInput
+from spendgate.domain.money import NANOS_PER_USD
+from spendgate.domain.windows import TOTAL, WindowSpec
+
+
+def _reject(raw: Any) -> InvalidInput:
+    with pytest.raises(InvalidInput) as info:
+        parse_budget(raw)
+    return info.value
+
+
+def test_contract_example_parses() -> None:
+    b = parse_budget(
+        {
+            "limits": [
+                {"window": "1h", "max_usd": "10"},
+                {"window": "1mo", "max_usd": "500", "soft_usd": "400"},
+                {"window": "total", "max_usd": "5000"},
+            ],
+            "tz": "UTC",
+        }
+    )
+    assert b.limit_for(WindowSpec.parse("1mo")) == Limit(
+        WindowSpec.parse("1mo"), 500 * NANOS_PER_USD, 400 * NANOS_PER_USD
+    )
+    assert b.limit_for(TOTAL) == Limit(TOTAL, 5000 * NANOS_PER_USD)
+    assert b.limit_for(WindowSpec.parse("1d")) is None
+
+
+def test_two_limits_with_the_same_window_are_rejected_naming_the_second() -> None:
+    err = _reject(
+        {
+            "limits": [
+                {"window": "1h", "max_usd": "1"},
+                {"window": "1d", "max_usd": "2"},
+                {"window": "1h", "max_usd": "3"},
+            ]
+        }
+    )
+    assert err.field == "limits[2].window"
+    assert "1h" in err.reason
+
+
+def test_soft_above_max_is_rejected() -> None:
+    err = _reject({"limits": [{"window": "1d", "max_usd": "10", "soft_usd": "10.000000001"}]})
+    assert err.field == "limits[0].soft_usd"
+
+
+def test_soft_equal_to_max_is_accepted() -> None:
+    assert budget(("1d", "10", "10")).limits[0].soft_nanos == 10 * NANOS_PER_USD
+
+
+@pytest.mark.parametrize(
+    "amount", ["-1", "-0.000000001", "ten", "NaN", "Infinity", None, True, "1.0000000001"]
+)
+def test_negative_or_non_numeric_max_is_rejected_naming_the_field(amount: object) -> None:
+    err = _reject({"limits": [{"window": "1d", "max_usd": "1"}, {"window": "1h", "max_usd": amount}]})
+    assert err.field == "limits[1].max_usd"
+
+
+def test_negative_soft_is_rejected() -> None:
+    assert (
+        _reject({"limits": [{"window": "1d", "max_usd": "1", "soft_usd": "-1"}]}).field
+        == "limits[0].soft_usd"
+    )
+
+
+def test_invalid_window_names_its_limit() -> None:
+    assert _reject({"limits": [{"window": "1y", "max_usd": "1"}]}).field == "limits[0].window"
+
+
+@pytest.mark.parametrize("tz", ["Mars/Olympus", "America/NewYork", 5, ["UTC"], {"a": 1}])
+def test_unknown_time_zone_is_rejected(tz: object) -> None:
+    """Regression for ["UTC"]: the lru-cached zone() raised TypeError (a 500) on a list."""
+    assert _reject({"limits": [], "tz": tz}).field == "tz"
+
+
+@pytest.mark.parametrize(
+    "raw", [None, {"limits": None}, {"limits": []}, {}, {"limits": None, "tz": "Asia/Kolkata"}]
+)
+def test_null_or_empty_limits_mean_unlimited(raw: Any) -> None:
+    assert parse_budget(raw).is_unlimited
+
+
+def test_null_budget_is_the_no_budget_constant() -> None:
+    assert parse_budget(None) == NO_BUDGET and NO_BUDGET.tz == "UTC"
+
+
+def test_missing_tz_defaults_to_utc() -> None:
+    assert budget(("1d", "1")).tz == "UTC" and parse_budget({"limits": []}).tz == "UTC"
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ("limits", "body"),
+        ({"limits": [], "extra": 1}, "body"),
+        ({"limits": "1h"}, "limits"),
+        ({"limits": [{"window": "1h"}]}, "limits[0]"),
+        ({"limits": [{"max_usd": "1"}]}, "limits[0]"),
+        ({"limits": [{"window": "1h", "max_usd": "1", "hard_usd": "2"}]}, "limits[0]"),
+        ({"limits": ["1h"]}, "limits[0]"),
+        ({"limits": [{"window": f"{i + 1}h", "max_usd": "1"} for i in range(MAX_LIMITS + 1)]}, "limits"),
+    ],
+)
+def test_malformed_budget_bodies_are_rejected_with_a_field_path(raw: Any, field: str) -> None:
+    assert _reject(raw).field == field
+
+
+def test_limit_of_zero_is_valid() -> None:
+    assert budget(("1d", "0")).limits[0].max_nanos == 0
+
+
+windows = st.lists(
+    st.sampled_from(["1m", "15m", "1h", "6h", "1d", "2d", "1w", "1mo", "3mo", "total"]),
+    unique=True,
+    min_size=1,
+)
+
+
+@given(windows, st.data())
+def test_order_of_limits_never_matters(texts: list[str], data: st.DataObject) -> None:
+    limits = [{"window": w, "max_usd": str(i + 1)} for i, w in enumerate(texts)]
+    shuffled = data.draw(st.permutations(limits))
+    a, b = parse_budget({"limits": limits}), parse_budget({"limits": shuffled})
+    assert a == b
+    assert a.to_json() == b.to_json()
+
+
+@given(windows)
+def test_budget_json_round_trips(texts: list[str]) -> None:
+    b = parse_budget(
+        {"limits": [{"window": w, "max_usd": "1.5", "soft_usd": "1"} for w in texts], "tz": "Europe/London"}
+    )
+    assert parse_budget(b.to_json()) == b
+
+
+def test_budget_is_a_value() -> None:
+    assert budget(("1h", "10")) == Budget((Limit(WindowSpec.parse("1h"), 10 * NANOS_PER_USD),), "UTC")
+    assert hash(budget(("1h", "10"))) == hash(budget(("1h", "10.0")))
