@@ -59,6 +59,15 @@ def test_the_same_event_at_the_same_offset_is_a_replay_not_a_duplicate() -> None
     assert result.duplicates == 0 and key_total(result.deltas) == 1_000_000_000
 
 
+def test_a_record_delivered_twice_in_one_batch_is_planned_once() -> None:
+    # Faust can hand the same (partition, offset) over again around a rebalance.
+    garbage = RawRecord(0, 5, b"garbage")
+    result = plan([raw(0, 3, "e1"), raw(0, 4, "e2"), raw(0, 3, "e1"), garbage, garbage])
+    assert result.events == 2 and result.duplicates == 0 and len(result.dead_letters) == 1
+    assert key_total(result.deltas) == 2_000_000_000
+    assert result.progress == {0: 5}
+
+
 def test_fresh_events_make_one_delta_per_scope_ending_at_the_batch_end() -> None:
     result = plan([raw(0, 10, "a"), raw(0, 11, "b"), raw(1, 4, "c")])
     key_deltas = sorted((d.partition, d.first, d.last) for d in result.deltas if d.scope == "key:k1")

@@ -125,14 +125,19 @@ def plan_batch(
     registry: RegistryView,
     topic: str,
 ) -> BatchPlan:
-    """Plan a batch (records of any partitions, in offset order within each). Pure."""
+    """Plan a batch (records of any partitions, in offset order within each). Pure.
+
+    A record delivered twice in one batch (Faust may redeliver around a rebalance, see
+    ``recovery_fix``) is planned once: records are identified by ``(partition, offset)``.
+    """
     plan = BatchPlan()
     batch_last: dict[int, int] = {}
+    unique: dict[tuple[int, int], RawRecord] = {}
     for record in records:
+        unique.setdefault((record.partition, record.offset), record)
         batch_last[record.partition] = max(record.offset, batch_last.get(record.partition, -1))
     fresh: dict[tuple[int, str], Delta] = {}
-    for record in records:
-        p, offset = record.partition, record.offset
+    for (p, offset), record in unique.items():
         try:
             event = parse_usage(record.value)
         except ValueError as exc:
