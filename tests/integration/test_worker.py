@@ -29,7 +29,7 @@ def event(key_id: str, cost: str, **fields: object) -> dict[str, object]:
 
 
 def random_cost(rng: random.Random) -> str:
-    return str(Decimal(rng.randrange(0, 10**10)).scaleb(-9))
+    return format(Decimal(rng.randrange(0, 10**10)).scaleb(-9), "f")  # plain text, never "5E-9"
 
 
 def expected_scopes(

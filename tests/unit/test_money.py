@@ -36,8 +36,9 @@ def test_cost_round_trips_through_its_decimal_string(n: int) -> None:
 
 @given(st.decimals(min_value=0, max_value=1_000_000, places=9, allow_nan=False, allow_infinity=False))
 def test_decimal_string_with_nine_places_parses_exactly(amount: Decimal) -> None:
-    assert parse_cost(str(amount)) == int(amount * NANOS_PER_USD)
-    assert to_decimal(parse_cost(str(amount))) == amount
+    text = format(amount, "f")  # plain notation; str() may give "1E-7", which is refused
+    assert parse_cost(text) == int(amount * NANOS_PER_USD)
+    assert to_decimal(parse_cost(text)) == amount
 
 
 @given(nanos)
@@ -83,6 +84,10 @@ def test_trailing_zeros_beyond_nine_places_do_not_count_as_decimals() -> None:
     assert parse_cost("1.0000000000") == NANOS_PER_USD
 
 
+def test_json_number_in_exponent_form_is_still_accepted() -> None:
+    assert parse_cost(1e-05) == 10_000 and parse_cost(2e3) == 2_000 * NANOS_PER_USD
+
+
 def test_negative_zero_is_zero() -> None:
     assert parse_cost("-0") == 0
 
@@ -112,6 +117,15 @@ def test_negative_zero_is_zero() -> None:
         "abc",
         "1,5",
         "0x10",
+        "1_000",
+        "1e3",
+        "1E-3",
+        ".5",
+        "5.",
+        "+1",
+        "\u0661\u0662",  # Arabic-Indic digits: Decimal() reads them as 12
+        "\uff11",  # fullwidth 1
+        "1 000",
         None,
         True,
         False,

@@ -6,6 +6,7 @@ A JSON number is accepted on input but converted through its shortest decimal te
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal, InvalidOperation
 
 from spendgate.domain.errors import InvalidInput
@@ -17,6 +18,12 @@ MAX_DECIMALS = 9
 
 Nanos = int
 
+# What a string amount may look like: ASCII digits, an optional fraction. Decimal() alone would
+# also take "1_000", "1e3", ".5", "NaN" and non-ASCII digits such as "١٢", which the
+# contract's decimal strings (and the JSON Schema pattern) do not allow. A leading "-" is
+# matched only so that negatives get their own clear reason.
+_DECIMAL_TEXT = re.compile(r"-?[0-9]+(?:\.[0-9]+)?", re.ASCII)
+
 
 def parse_usd(value: object, *, field: str = "usd", maximum: Nanos = MAX_LIMIT_NANOS) -> Nanos:
     """Parse a dollar amount into nano-dollars, exactly.
@@ -26,9 +33,11 @@ def parse_usd(value: object, *, field: str = "usd", maximum: Nanos = MAX_LIMIT_N
     """
     if isinstance(value, bool) or not isinstance(value, str | int | float | Decimal):
         raise InvalidInput("must be a decimal string or number", field=field)
+    if isinstance(value, str) and not _DECIMAL_TEXT.fullmatch(value.strip()):
+        raise InvalidInput(f"not a decimal amount: {value[:40]!r}", field=field)
     try:
         amount = Decimal(repr(value) if isinstance(value, float) else str(value).strip())
-    except InvalidOperation:
+    except InvalidOperation:  # pragma: no cover - strings are checked above, numbers always parse
         raise InvalidInput(f"not a decimal amount: {str(value)[:40]!r}", field=field) from None
     if not amount.is_finite():
         raise InvalidInput("must be finite (no NaN or infinity)", field=field)
