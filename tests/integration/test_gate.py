@@ -96,9 +96,9 @@ def follower_for(settings: Settings, state: GateState, **kw: Any) -> TopicFollow
     return TopicFollower(
         settings.kafka_bootstrap,
         {
-            settings.topic("config"): lambda k, v: state.apply_config(k, v),  # type: ignore[arg-type]
-            settings.topic("decisions"): lambda k, v: state.apply_decision(v, k),
-            settings.topic("state"): lambda k, v: state.apply_state(v, k),
+            settings.topic("config"): lambda k, v, *_: state.apply_config(k, v),  # type: ignore[arg-type]
+            settings.topic("decisions"): lambda k, v, *_: state.apply_decision(v, k),
+            settings.topic("state"): lambda k, v, *_: state.apply_state(v, k),
         },
         **kw,
     )

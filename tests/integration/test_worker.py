@@ -313,6 +313,39 @@ async def test_budget_changes_decide_at_once_on_spend_already_made(settings_fact
     assert totals_from_state(await latest(settings, "state")).get(scope) == Decimal("5")  # spend untouched
 
 
+async def test_malformed_config_records_are_skipped_and_never_stop_the_worker(
+    settings_factory, worker_factory
+) -> None:
+    """A poison record on spend.config (at start and while running) must not stop accounting."""
+    settings = await settings_factory(database_url="")
+    scope = "key:kp"
+    poison: list[tuple[str | None, object]] = [
+        ("budget/key:kp", b"{not json"),
+        ("key/kp", {"v": 1, "type": "key", "version": 99}),  # no key_id, high version
+        ("team/tq", [1, 2, 3]),  # not an object
+        budget_record(scope, 50, [{"window": "1x", "max_usd": "1"}]),  # bad window, high version
+    ]
+    await produce(settings, "config", poison)  # present at start: the catch-up must get past it
+    worker_factory(settings)
+    await produce(settings, "config", [budget_record(scope, 1, [{"window": "1d", "max_usd": "2"}])])
+    await produce(settings, "usage", [("kp", event("kp", "1.5")), ("kp", event("kp", "0.5"))])
+
+    async def blocked() -> None:
+        decision = (await latest(settings, "decisions")).get(scope)
+        assert decision is not None and decision["blocked"] is True, decision
+
+    await eventually(blocked, timeout=30)
+    await produce(settings, "config", poison)  # and while running
+    await produce(settings, "config", [budget_record(scope, 2, [{"window": "1d", "max_usd": "3"}])])
+
+    async def unblocked() -> None:
+        decision = (await latest(settings, "decisions")).get(scope)
+        assert decision is not None and decision["blocked"] is False, decision
+
+    await eventually(unblocked, timeout=10)
+    assert totals_from_state(await latest(settings, "state")).get(scope) == Decimal("2")
+
+
 async def test_worker_serves_metrics_and_a_killed_worker_is_processing_again_within_seconds(
     settings_factory, worker_factory
 ) -> None:

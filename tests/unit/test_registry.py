@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from factories import budget, config_record
 from spendgate.domain.budgets import NO_BUDGET
 from spendgate.domain.registry import KeyInfo, RegistryView, config_key
@@ -141,3 +143,29 @@ def test_a_stale_record_resent_after_a_delete_does_not_resurrect_the_entity() ->
     assert "k1" not in view.keys
     view.apply("key/k1", {"type": "key", "version": 6, "key_id": "k1", "team_id": "t2"})
     assert view.keys["k1"].team_id == "t2"
+
+
+
+@pytest.mark.parametrize(
+    ("key", "bad", "good"),
+    [
+        (
+            "key/k1",
+            {"type": "key", "version": 9},  # no key_id
+            {"type": "key", "version": 2, "key_id": "k1", "team_id": "t1"},
+        ),
+        (
+            "budget/key:k1",
+            {"type": "budget", "version": 9, "scope": "key:k1", "limits": [{"window": "1x", "max_usd": "1"}]},
+            {"type": "budget", "version": 2, "scope": "key:k1", "limits": [{"window": "1d", "max_usd": "1"}]},
+        ),
+    ],
+)
+def test_a_malformed_record_changes_nothing_and_sets_no_version_floor(
+    key: str, bad: dict, good: dict
+) -> None:
+    view = RegistryView()
+    with pytest.raises((KeyError, ValueError)):
+        view.apply(key, bad)
+    assert view == RegistryView()
+    assert view.apply(key, good) is not None  # a lower version after the bad one still applies

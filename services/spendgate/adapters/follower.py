@@ -1,7 +1,8 @@
 """TopicFollower: reads whole topics from the earliest offset into callbacks, knows when it is caught up.
 
-Used by the gate to materialize ``spend.config``, ``spend.decisions`` and ``spend.state``. No
-consumer group: every API process reads every partition (any instance serves any scope).
+Used by the gate to materialize ``spend.config``, ``spend.decisions`` and ``spend.state``, and
+by the worker to follow ``spend.config``. No consumer group: every process reads every
+partition (any API instance serves any scope; every worker needs the whole registry).
 
 1. At start it takes the true end of every partition from the high watermark of a Fetch
    (``adapters.kafka.fetch_high_watermarks``; never ``end_offsets()``, which under-reports on
@@ -19,7 +20,8 @@ consumer group: every API process reads every partition (any instance serves any
 Never blocks its callers and never hangs on a broker outage: ``start()`` returns at once, the
 broker may be down; the task retries (recreating the consumer at the positions it had reached,
 so nothing is skipped). A record whose value is not JSON, or that a callback rejects with
-``ValueError``/``KeyError``/``TypeError``, is proven invalid: it is logged, counted in
+``ValueError``/``KeyError``/``TypeError``/``AttributeError`` (a value of the wrong shape), is
+proven invalid: it is logged, counted in
 ``invalid_records`` and skipped. Any other callback exception is a bug: it is logged, and the
 consumer restarts from the same positions after a back-off.
 """
@@ -41,9 +43,9 @@ from spendgate.adapters.kafka import CLIENT_SETTINGS, KafkaUnavailable, fetch_hi
 
 log = logging.getLogger(__name__)
 
-#: ``handler(key, value)``: the record key as text (None when absent) and its decoded JSON value
-#: (None for a tombstone).
-Handler = Callable[[str | None, Any], object]
+#: ``handler(key, value, partition, offset)``: the record key as text (None when absent), its
+#: decoded JSON value (None for a tombstone) and where it was read (for provenance).
+Handler = Callable[[str | None, Any, int, int], object]
 HighWatermarks = Callable[[str, str], Awaitable[dict[int, int]]]
 
 CATCHUP_WAIT_MS = 200
@@ -218,8 +220,8 @@ class TopicFollower:
         self.records += 1
         try:
             decoded = None if value is None else orjson.loads(value)
-            handler(None if key is None else key.decode("utf-8", "replace"), decoded)
-        except (ValueError, KeyError, TypeError) as exc:  # orjson.JSONDecodeError is a ValueError
+            handler(None if key is None else key.decode("utf-8", "replace"), decoded, tp.partition, offset)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # JSONDecodeError is a ValueError
             self.invalid_records += 1
             log.warning("follower: skipping invalid record %s/%d@%d: %r", tp.topic, tp.partition, offset, exc)
 

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import unquote
@@ -29,7 +29,7 @@ from fastapi import FastAPI
 from psycopg_pool import AsyncConnectionPool
 
 from spendgate.adapters import kafka
-from spendgate.adapters.follower import TopicFollower
+from spendgate.adapters.follower import Handler, TopicFollower
 from spendgate.api.auth import TokenCache
 from spendgate.api.control import control_router
 from spendgate.api.errors import install_error_handlers
@@ -44,10 +44,10 @@ from spendgate.store.repo import ControlRepo, unopened_pool
 log = logging.getLogger(__name__)
 
 
-def config_handler(state: GateState, tokens: TokenCache) -> Callable[[str | None, Any], None]:
+def config_handler(state: GateState, tokens: TokenCache) -> Handler:
     """The follower callback of ``{prefix}config``: registry and budgets into ``state``, tokens too."""
 
-    def apply(key: str | None, value: Any) -> None:
+    def apply(key: str | None, value: Any, *_: int) -> None:
         if key is None:
             raise ValueError("config record without a key")
         state.apply_config(key, value)
@@ -71,8 +71,8 @@ def create_app(settings: Settings, *, follower: TopicFollower | None = None) -> 
             settings.kafka_bootstrap,
             {
                 settings.topic("config"): config_handler(state, tokens),
-                settings.topic("decisions"): lambda key, value: state.apply_decision(value, key),
-                settings.topic("state"): lambda key, value: state.apply_state(value, key),
+                settings.topic("decisions"): lambda key, value, *_: state.apply_decision(value, key),
+                settings.topic("state"): lambda key, value, *_: state.apply_state(value, key),
             },
             prepare=prepare,
         )

@@ -60,17 +60,20 @@ class RegistryView:
         prefix (``budget/…``, ``key/…``, …) so a tombstone can be applied too.
         """
         type_, _, ident = key.partition("/")
+        version = -1
         if value is not None:
             version = int(value.get("version", 0))
             if version < self.versions.get(key, -1):
                 return None
-            self.versions[key] = version
+        handler = _HANDLERS.get(type_)
+        # A malformed record raises (KeyError, InvalidInput …) before anything changes, and its
+        # version must not become the floor either, or it would hide the valid records after it.
+        change = handler(self, key, ident, value) if handler else None
         # A tombstone keeps the key's version as a floor: a stale record re-sent after the
         # delete (a relay retry) must not bring the entity back; a re-create has a higher one.
-        handler = _HANDLERS.get(type_)
-        if handler is None:
-            return None
-        return handler(self, key, ident, value)
+        if value is not None:
+            self.versions[key] = version
+        return change
 
     def _key(self, key: str, ident: str, value: Mapping[str, Any] | None) -> ConfigChange:
         key_id = value["key_id"] if value else _unquote(ident)

@@ -4,49 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import Any
 
-import orjson
-from aiokafka import TopicPartition
-
-from spendgate.adapters.kafka import consumer, ensure_topics, fetch_high_watermarks
+from spendgate.adapters.follower import TopicFollower
+from spendgate.adapters.kafka import ensure_topics
 from spendgate.records import Source
 from spendgate.settings import Settings
 
 log = logging.getLogger(__name__)
 
-
-async def follow_config(
-    settings: Settings,
-    on_record: Callable[[str, dict[str, Any] | None, Source], None],
-    ready: asyncio.Event,
-) -> None:
-    """Apply every ``spend.config`` record from the earliest offset, for ever.
-
-    ``ready`` is set once the records present at start (by the Fetch high watermark, not
-    ListOffsets) are applied: the worker attributes no event before it knows the registry.
-    """
-    topic = settings.topic("config")
-    targets = await fetch_high_watermarks(settings.kafka_bootstrap, topic)
-    client = consumer(settings, client_id="spendgate-worker-config")
-    await client.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(targets)]
-        client.assign(tps)
-        await client.seek_to_beginning(*tps)
-        while True:
-            if not ready.is_set() and all([await client.position(tp) >= targets[tp.partition] for tp in tps]):
-                ready.set()
-                log.info("config caught up")
-            batches = await client.getmany(timeout_ms=200, max_records=5000)
-            for messages in batches.values():
-                for message in messages:
-                    key = message.key.decode() if message.key else ""
-                    value = None if message.value is None else orjson.loads(message.value)
-                    on_record(key, value, Source(partition=message.partition, offset=message.offset))
-    finally:
-        await client.stop()
+#: Config changes must be decided within 1 s; a 100 ms fetch wait keeps the idle follower cheap.
+CONFIG_WAIT_MS = 100
 
 
 def run(settings: Settings) -> None:
@@ -57,8 +24,32 @@ def run(settings: Settings) -> None:
     asyncio.run(ensure_topics(settings))
     app, worker = build(settings)
 
+    def on_config(key: str | None, value: object, partition: int, offset: int) -> None:
+        if key is None:
+            raise ValueError("config record without a key")
+        worker.on_config(key, value, Source(partition=partition, offset=offset))  # type: ignore[arg-type]
+
     @app.task
     async def config_feed() -> None:
-        await follow_config(settings, worker.on_config, worker.config_ready)
+        """Follow ``spend.config`` for ever; events wait until what was there at start is applied.
+
+        The follower survives broker outages and skips (logs, counts) records that are not
+        valid config, so one bad record cannot stop the worker.
+        """
+        follower = TopicFollower(
+            settings.kafka_bootstrap,
+            {settings.topic("config"): on_config},
+            catchup_wait_ms=CONFIG_WAIT_MS,
+            live_wait_ms=CONFIG_WAIT_MS,
+            client_id="spendgate-worker-config",
+        )
+        await follower.start()
+        try:
+            await follower.wait_ready()
+            worker.config_ready.set()
+            log.info("config caught up")
+            await asyncio.Event().wait()
+        finally:
+            await follower.stop()
 
     run_worker(app, loglevel=settings.log_level.lower())
