@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from psycopg_pool import AsyncConnectionPool
 
 from spendgate.adapters import kafka
@@ -33,7 +34,14 @@ from spendgate.adapters.follower import Handler, TopicFollower
 from spendgate.api.auth import TokenCache
 from spendgate.api.control import control_router
 from spendgate.api.errors import install_error_handlers
-from spendgate.api.gate import Gate, UsageProducer, check_handler, gate_router, health_router
+from spendgate.api.gate import (
+    Gate,
+    UsageProducer,
+    check_handler,
+    document_events_body,
+    gate_router,
+    health_router,
+)
 from spendgate.api.metrics import GateMetrics
 from spendgate.domain.gate_state import GateState
 from spendgate.records import TokenRecord
@@ -130,6 +138,14 @@ def create_app(settings: Settings, *, follower: TopicFollower | None = None) -> 
         lifespan=lifespan,
     )
     install_error_handlers(app)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            app.openapi_schema = document_events_body(spec)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.include_router(health_router(gate, metrics))
     app.state.check_handler = check_handler(gate, tokens)  # also served ahead of the stack by `api`
     app.include_router(gate_router(gate, tokens, producer, app.state.check_handler))

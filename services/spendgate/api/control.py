@@ -16,6 +16,7 @@ from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from spendgate.api.auth import TokenCache, principal_dependency
+from spendgate.api.errors import error_responses
 from spendgate.domain.authority import Principal, Role
 from spendgate.domain.budgets import parse_budget
 from spendgate.domain.errors import InvalidInput
@@ -130,7 +131,9 @@ def control_router(repo: ControlRepo, tokens: TokenCache) -> APIRouter:
             tokens.apply(record, unquote(key.removeprefix("token/")))
 
     repo.subscribe(on_change)
-    router = APIRouter(prefix="/v1", tags=["control plane"])
+    router = APIRouter(
+        prefix="/v1", tags=["control plane"], responses=error_responses(401, 403, 404, 409, 422, 503)
+    )
     Caller = Annotated[Principal, Depends(principal_dependency(tokens))]
 
     # --- tokens ----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from spendgate.domain.errors import InvalidInput
@@ -84,6 +85,35 @@ class DatabaseUnavailable(ApiError):
     ) -> None:
         kw.setdefault("headers", {"Retry-After": "1"})
         super().__init__(message, **kw)
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorEnvelope(BaseModel):
+    """Every 4xx/5xx body (CONTRACT §4); documented in the OpenAPI spec, built by ``error_body``."""
+
+    error: ErrorDetail
+
+
+_WHEN = {
+    400: "Malformed request (e.g. a body that is not JSON)",
+    401: "Missing or unknown bearer token",
+    403: "The token's role may not do this; the message says why",
+    404: "No such entity",
+    409: "Conflicts with the current state (e.g. a team that still has keys)",
+    413: "Body too large",
+    422: "Invalid value; `details` names the field",
+    503: "A dependency is unavailable; retry after `Retry-After` seconds",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for ``statuses``, each with the error envelope."""
+    return {status: {"model": ErrorEnvelope, "description": _WHEN[status]} for status in statuses}
 
 
 def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
 from urllib.parse import unquote
 
 import orjson
@@ -32,7 +32,14 @@ from starlette.types import ASGIApp, Receive, Send
 from starlette.types import Scope as AsgiScope
 
 from spendgate.api.auth import TokenCache, gate_dependency, principal_dependency
-from spendgate.api.errors import ApiError, BadRequest, Forbidden, Unprocessable, response_for
+from spendgate.api.errors import (
+    ApiError,
+    BadRequest,
+    Forbidden,
+    Unprocessable,
+    error_responses,
+    response_for,
+)
 from spendgate.api.metrics import GateMetrics
 from spendgate.domain.authority import Action, BudgetTarget, Denied, GateTarget, Principal, Role, authorize
 from spendgate.domain.check import CheckRequest, CheckResult, check, degraded, scope_bindings
@@ -63,6 +70,40 @@ class BrokerUnavailable(ApiError):
     def __init__(self, message: str = "the broker did not acknowledge the events; retry", **kw: Any) -> None:
         kw.setdefault("headers", {"Retry-After": "1"})
         super().__init__(message, **kw)
+
+
+class EventResult(BaseModel):
+    index: int
+    status: Literal["accepted", "rejected"]
+    event_id: str | None = Field(None, description="for an accepted event")
+    errors: list[dict[str, Any]] | None = Field(None, description="for a rejected event: field and reason")
+
+
+class EventsResult(BaseModel):
+    """The answer of ``POST /v1/events`` (202 all accepted, 207 mixed)."""
+
+    accepted: int
+    rejected: int
+    results: list[EventResult]
+
+
+def document_events_body(spec: dict[str, Any]) -> dict[str, Any]:
+    """Describe ``POST /v1/events``' body in ``spec`` (the route reads it raw, to answer per index).
+
+    The body is an array of 1 to ``MAX_EVENTS`` usage events (CONTRACT §2); their schemas go
+    into ``components`` like every other model's.
+    """
+    event = UsageEvent.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    schemas.update(event.pop("$defs", {}))
+    schemas["UsageEvent"] = event
+    item = {"$ref": "#/components/schemas/UsageEvent"}
+    body = {"type": "array", "minItems": 1, "maxItems": MAX_EVENTS, "items": item}
+    spec["paths"]["/v1/events"]["post"]["requestBody"] = {
+        "required": True,
+        "content": {"application/json": {"schema": body}},
+    }
+    return spec
 
 
 class FollowerStatus(Protocol):
@@ -325,7 +366,7 @@ def gate_router(
     post_check: Callable[[Request], Awaitable[Response]],
 ) -> APIRouter:
     """The gate routes under ``/v1`` (check, authorize, events, spend)."""
-    router = APIRouter(prefix="/v1", tags=["gate"])
+    router = APIRouter(prefix="/v1", tags=["gate"], responses=error_responses(401, 403, 422))
     Checker = Annotated[Principal, Depends(gate_dependency(tokens, Action.CHECK))]
     Ingester = Annotated[Principal, Depends(gate_dependency(tokens, Action.INGEST))]
     Caller = Annotated[Principal, Depends(principal_dependency(tokens))]
@@ -370,7 +411,11 @@ def gate_router(
         "/events",
         status_code=202,
         summary="Ingest up to 1000 usage events (202 all valid, 207 mixed, 422 none valid)",
-        responses={207: {"description": "some events were invalid"}, 413: {}, 503: {}},
+        response_model=EventsResult,
+        responses={
+            207: {"model": EventsResult, "description": "Some events were invalid (see `results`)"},
+            **error_responses(400, 413, 503),
+        },
     )
     async def post_events(request: Request, _: Ingester) -> JSONResponse:
         raw = await _read_capped(request, MAX_BODY_BYTES)
