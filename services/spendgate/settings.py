@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -40,6 +41,10 @@ class Settings(BaseSettings):
     dedupe_horizon_h: int = Field(default=24, ge=1)
     replication_factor: int = Field(default=1, ge=1, description="of the worker's changelog topics")
     worker_id: str = "spendgate-worker"
+    worker_store: Literal["memory://", "rocksdict://"] = Field(
+        default="memory://",
+        description="worker table store; rocksdict:// keeps tables in RocksDB under data_dir",
+    )
     log_level: str = "INFO"
 
     dev: bool = False

@@ -38,6 +38,8 @@ from spendgate.worker import metrics
 from spendgate.worker.faust_app import (
     assigned_partitions,
     flush,
+    get_in_partition,
+    items_in_partition,
     make_app,
     partitions_ready,
     send_batches,
@@ -124,10 +126,12 @@ class Worker:
             RawRecord(e.message.partition, e.message.offset, e.message.value, e.message.key) for e in events
         ]
         partitions = {r.partition for r in records}
+        # Tables are read with an explicit partition (the keys' own), never through the
+        # current event: see faust_app.in_partition.
         for p in partitions:
             if not self.seen_ids.is_loaded(p):
-                self.seen_ids.load(p, self.seen.data.items())
-        progress = {p: int(self.progress.data.get(str(p), -1)) for p in partitions}
+                self.seen_ids.load(p, items_in_partition(self.seen, p))
+        progress = {p: int(get_in_partition(self.progress, p, str(p), -1)) for p in partitions}
         plan = plan_batch(
             records,
             seen=self.seen_ids.offset_of,
@@ -176,12 +180,16 @@ class Worker:
     def _ledger(self, scope: str) -> ScopeLedger:
         ledger = self.ledgers.get(scope)
         if ledger is None:
-            raw = self.ledger_table.data.get(scope)
+            raw = get_in_partition(self.ledger_table, partition_of(scope, self.settings.partitions), scope)
             ledger = self.ledgers[scope] = ScopeLedger(HotRecord.from_json(raw) if raw else None)
         return ledger
 
     def _rebuild_ledgers(self, owned: set[int]) -> None:
-        """Load every owned scope's records from the (recovered) table into ledgers."""
+        """Load every owned scope's records from the (recovered) table into ledgers.
+
+        ``data.items()`` is every key of the memory store, or the keys of every active
+        partition's RocksDB database; either way filtered by ``owned`` below.
+        """
         hots: dict[str, HotRecord] = {}
         days: dict[str, dict[int, DayRecord]] = {}
         for key, value in list(self.ledger_table.data.items()):

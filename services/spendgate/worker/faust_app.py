@@ -6,7 +6,9 @@ Everything here is valid on Apache Kafka and on the embedded Tansu broker (see
 Helpers (all run on the app's event loop, inside a started worker):
 
 * :func:`make_app` -- the configured ``faust.App``; :func:`run_worker` runs it.
-* :func:`in_partition` -- context manager making table writes land in one partition.
+* :func:`in_partition` -- context manager making table reads/writes use one partition.
+* :func:`get_in_partition` -- read one table key from an explicit partition's store.
+* :func:`items_in_partition` -- a table's items of one partition (all items: memory store).
 * :func:`write_in_partition` -- set/delete table keys in an explicit changelog partition and
   return the changelog send futures.
 * :func:`group_by_partition` -- split a ``take_events`` batch by source partition.
@@ -29,6 +31,7 @@ from typing import Any, cast
 
 import faust
 import orjson
+from faust import stores as faust_stores
 from faust.streams import _current_event
 from faust.tables.base import Collection
 from faust.transport.drivers import aiokafka as faust_aiokafka
@@ -40,9 +43,12 @@ from spendgate.worker import recovery_fix
 __all__ = [
     "FETCH_MAX_WAIT_MS",
     "assigned_partitions",
+    "STORES",
     "flush",
+    "get_in_partition",
     "group_by_partition",
     "in_partition",
+    "items_in_partition",
     "make_app",
     "partitions_ready",
     "run_worker",
@@ -54,6 +60,29 @@ __all__ = [
 #: Tansu); 10-20 ms made no progress catching up on Tansu, 100 ms serves both latency and
 #: catch-up (see FAUST-NOTES.md).
 FETCH_MAX_WAIT_MS = 100
+
+#: Table stores the worker supports (``SPENDGATE_WORKER_STORE``). ``rocksdict://`` is
+#: :mod:`spendgate.worker.rocks_store` (Faust's RocksDB store with the rocksdict driver and a
+#: crash guard); Faust itself has no ``rocksdict://`` scheme (its ``rocksdb://`` picks the
+#: driver by what is installed).
+STORES = {
+    "memory://": "faust.stores.memory:Store",
+    "rocksdict://": "spendgate.worker.rocks_store:Store",
+}
+
+
+def _store_url(store: str) -> str:
+    if store not in STORES:
+        raise ValueError(f"unsupported worker store {store!r}; use one of {', '.join(STORES)}")
+    if store == "rocksdict://":
+        try:
+            import rocksdict  # noqa: F401
+        except ImportError as exc:
+            raise RuntimeError("worker store rocksdict:// needs rocksdict: pip install rocksdict") from exc
+        # Faust resolves a store URL by its scheme through this registry (what a
+        # ``faust.stores`` entry point would add); idempotent.
+        faust_stores.STORES.aliases["rocksdict"] = STORES[store]
+    return store
 
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -90,7 +119,7 @@ def make_app(
     app_id: str | None = None,
     fetch_max_wait_ms: int = FETCH_MAX_WAIT_MS,
     recovery_fix_enabled: bool = True,
-    store: str = "memory://",
+    store: str | None = None,
     session_timeout: float | None = None,
 ) -> faust.App:
     """Build the worker's ``faust.App`` (not started; nothing touches the network here).
@@ -107,6 +136,11 @@ def make_app(
       by Faust and must exist (``adapters.kafka.ensure_topics``);
     * web server on 127.0.0.1:``settings.worker_web_port``, disabled when the port is 0;
     * creates ``settings.data_dir`` (Faust's datadir is ``<data_dir>/faust``);
+    * table store ``store`` or ``settings.worker_store``: ``memory://`` or ``rocksdict://``
+      (RocksDB under ``<data_dir>/faust/v1/tables/``, not per app id; one ``data_dir`` per
+      process, RocksDB locks its databases).
+      Either way, read tables with :func:`get_in_partition` / :func:`items_in_partition` and
+      write them with :func:`write_in_partition`: RocksDB keeps one database per partition;
     * ``recovery_fix_enabled=False`` exists only for the regression test that proves the fix
       is needed.
     """
@@ -115,12 +149,13 @@ def make_app(
     web_port = settings.worker_web_port
     if session_timeout is None:
         session_timeout = 2.0 if settings.dev else 10.0
+    store_url = _store_url(store or settings.worker_store)
     datadir = Path(settings.data_dir).absolute() / "faust"
     datadir.mkdir(parents=True, exist_ok=True)  # Faust only creates the last level
     app = faust.App(
         app_id or settings.worker_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
-        store=store,
+        store=store_url,
         datadir=str(datadir),
         autodiscover=False,
         processing_guarantee="at_least_once",
@@ -140,7 +175,8 @@ def make_app(
         # The leader topic only serves app.timer(on_leader=True); we use none.
         topic_disable_leader=True,
         # Memory stores always recover from offset 0, so standby copies buy nothing and
-        # would put other partitions' keys in our tables.
+        # would put other partitions' keys in our tables. RocksDB stores resume from the
+        # offset they persisted, so a partition coming back to this data_dir catches up.
         table_standby_replicas=0,
         stream_recovery_delay=0.0,
         web_enabled=web_port != 0,
@@ -182,14 +218,16 @@ class _PartitionEvent:
 
 @contextlib.contextmanager
 def in_partition(table: Collection, where: EventT | int) -> Iterator[None]:
-    """Make ``table[k] = v`` / ``del table[k]`` inside the block write to one partition.
+    """Make table writes and reads inside the block use one partition.
 
     ``where`` is an event of the source partition (preferred: Faust then also checks that the
     source topic and the changelog have the same partition count) or a partition number.
-    Faust picks a table write's changelog partition (and RocksDB's per-partition database)
-    from the contextvar behind ``faust.current_event()``, which a batch from
-    ``stream.take_events()`` does not set per event; this sets it for the block and restores
-    it afterwards. Does not block; nothing is awaited.
+    Faust picks a table write's changelog partition, and RocksDB's per-partition database for
+    ``table.data[k] = v`` and for ``table.data.get(k)`` / ``k in table.data``, from the
+    contextvar behind ``faust.current_event()``, which a batch from ``stream.take_events()``
+    does not set per event (a stale event of another partition may be current: a RocksDB read
+    then looks in the wrong database and misses). This sets it for the block and restores it
+    afterwards. Does not block; nothing is awaited.
     """
     if isinstance(where, int):
         event: Any = _PartitionEvent(table.changelog_topic.get_topic_name(), where)
@@ -221,6 +259,10 @@ async def write_in_partition(
     store = table.data
     topic = table.changelog_topic
     records: list[tuple[bytes, bytes | None]] = []
+    # RocksDB (rocks_store.Store): mark the partition dirty until the changelog has it all.
+    guarded = hasattr(store, "begin_write")
+    if guarded:
+        store.begin_write(partition)
     with in_partition(table, where):
         for key, value in items:
             key_bytes = _encode(topic, key, table.key_serializer, key=True)
@@ -233,10 +275,37 @@ async def write_in_partition(
                 store[key] = value
                 records.append((key_bytes, _encode(topic, value, table.value_serializer, key=False)))
     futures = await send_batches(table.app, topic.get_topic_name(), partition, records)
-    for fut in futures:
-        # what Faust's own changelog callback does: lets RocksDB remember how far it is
-        fut.add_done_callback(partial(_persist_offset, store))
+    if guarded:
+        store.end_write(partition, futures)  # stores the offsets, then clears the mark
+    else:
+        for fut in futures:
+            # what Faust's own changelog callback does: lets a store remember how far it is
+            fut.add_done_callback(partial(_persist_offset, store))
     return futures
+
+
+def get_in_partition(table: Collection, where: EventT | int, key: Any, default: Any = None) -> Any:
+    """``table.data.get(key, default)`` from the store of partition ``where`` (event or number).
+
+    Use for every single-key read: with RocksDB the key is looked up in that partition's
+    database only (see :func:`in_partition` for why the current event can't be trusted).
+    The partition must be the one the key is written to.
+    """
+    with in_partition(table, where):
+        return table.data.get(key, default)
+
+
+def items_in_partition(table: Collection, partition: int) -> Iterator[tuple[Any, Any]]:
+    """``(key, value)`` pairs of ``partition``'s store; **every** item for the memory store.
+
+    The memory store does not know the partition of keys written live (FAUST-NOTES.md), so
+    callers filter by key (e.g. a ``f"{partition}/"`` prefix) either way. With RocksDB only
+    that partition's database is read.
+    """
+    store: Any = table.data
+    if hasattr(store, "items_in_partition"):
+        return cast(Iterator[tuple[Any, Any]], store.items_in_partition(partition))
+    return iter(store.items())
 
 
 def _encode(topic: Any, obj: Any, serializer: Any, *, key: bool) -> bytes:
