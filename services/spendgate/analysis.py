@@ -8,7 +8,7 @@ Identical to the live worker by construction, not by imitation:
 1. Records go through the worker's own :func:`~spendgate.worker.ingest.plan_batch` (validation,
    dead letters, dedupe by ``event_id`` -- first occurrence wins -- attribution, minute
    buckets), fed in offset order within each partition, with an in-memory ``seen`` map that
-   holds the same thing the worker's ``seen`` table holds (event id -> offset).
+   holds the same thing the worker's ``seen`` table holds (event id -> partition, offset).
 2. Its deltas are applied to :class:`~spendgate.domain.ledger.ScopeLedger` objects, so totals
    and window sums are computed by the same code that feeds ``spend.state``. Cross-partition
    interleaving does not change any sum.
@@ -97,7 +97,7 @@ class Rebuild:
     budgets: Mapping[str, Budget] = field(default_factory=dict)
     start: float | None = None
     end: float | None = None
-    seen: dict[str, int] = field(default_factory=dict)
+    seen: dict[str, tuple[int, int]] = field(default_factory=dict)
     ledgers: dict[str, ScopeLedger] = field(default_factory=dict)
     charges: list[Charge] = field(default_factory=list)
     positions: dict[int, int] = field(default_factory=dict)  # partition -> next offset
@@ -116,8 +116,7 @@ class Rebuild:
         if not records:
             return
         plan = plan_batch(records, seen=self.seen.get, progress={}, registry=self.registry, topic=self.topic)
-        for event_id, (_, offset) in plan.seen_new.items():
-            self.seen[event_id] = offset
+        self.seen.update(plan.seen_new)
         self.records += len(records)
         self.duplicates += plan.duplicates
         self.dead_letters += len(plan.dead_letters)

@@ -28,7 +28,7 @@ def plan(records, seen=None, progress=None, registry=None):
     seen = seen or {}
     return plan_batch(
         records,
-        seen=lambda event_id: seen.get(event_id),
+        seen=lambda event_id: seen.get(event_id),  # event id -> (partition, offset)
         progress=progress or {},
         registry=registry or RegistryView(),
         topic=TOPIC,
@@ -50,12 +50,17 @@ def test_a_retried_event_id_at_another_offset_is_dropped_as_duplicate() -> None:
 
 
 def test_an_event_seen_in_an_earlier_batch_is_a_duplicate() -> None:
-    result = plan([raw(0, 5, "e1")], seen={"e1": 3})
+    result = plan([raw(0, 5, "e1")], seen={"e1": (0, 3)})
+    assert result.duplicates == 1 and result.deltas == []
+
+
+def test_an_id_seen_at_the_same_offset_of_another_partition_is_a_duplicate() -> None:
+    result = plan([raw(1, 3, "e1")], seen={"e1": (0, 3)}, progress={1: 3})
     assert result.duplicates == 1 and result.deltas == []
 
 
 def test_the_same_event_at_the_same_offset_is_a_replay_not_a_duplicate() -> None:
-    result = plan([raw(0, 3, "e1")], seen={"e1": 3}, progress={0: 3})
+    result = plan([raw(0, 3, "e1")], seen={"e1": (0, 3)}, progress={0: 3})
     assert result.duplicates == 0 and key_total(result.deltas) == 1_000_000_000
 
 
@@ -88,7 +93,7 @@ def test_a_crash_after_some_deltas_were_emitted_is_repaired_exactly_by_the_repla
     ledgers = {"key:k1": ScopeLedger(), "model:m": ScopeLedger()}
     landed = next(d for d in first.deltas if d.scope == "key:k1")  # the model delta was lost
     ledgers["key:k1"].apply(landed.partition, landed.last, landed.minutes)
-    seen = {event_id: offset for event_id, (_, offset) in first.seen_new.items()}
+    seen = dict(first.seen_new)
     replay = plan([*batch, raw(0, 3, "d", "8", model="m")], seen=seen, progress=first.progress)
     for d in replay.deltas:
         if d.scope in ledgers:

@@ -83,6 +83,7 @@ class Worker:
         self.sources: dict[str, Source] = {}  # the last usage event (or config change) per scope
         self.due: list[tuple[float, str]] = []
         self.seen_ids = SeenIds(settings.dedupe_horizon_h * 3600)
+        self.seen_generation: int | None = None
 
         topic = settings.topic
         raw: dict[str, Any] = {
@@ -126,6 +127,7 @@ class Worker:
             RawRecord(e.message.partition, e.message.offset, e.message.value, e.message.key) for e in events
         ]
         partitions = {r.partition for r in records}
+        self._forget_seen_ids_after_a_rebalance()
         # Tables are read with an explicit partition (the keys' own), never through the
         # current event: see faust_app.in_partition.
         for p in partitions:
@@ -134,7 +136,7 @@ class Worker:
         progress = {p: int(get_in_partition(self.progress, p, str(p), -1)) for p in partitions}
         plan = plan_batch(
             records,
-            seen=self.seen_ids.offset_of,
+            seen=self.seen_ids.where,
             progress=progress,
             registry=self.registry,
             topic=self.usage.get_topic_name(),
@@ -167,6 +169,17 @@ class Worker:
         metrics.EVENTS.inc(plan.events)
         self._record_lag({r.partition: r.offset for r in records})
         metrics.DUPLICATES.inc(plan.duplicates)
+
+    def _forget_seen_ids_after_a_rebalance(self) -> None:
+        """Start a new in-memory index after every rebalance; it reloads from the recovered table.
+
+        A partition that left this worker and came back must not be judged by the ids this
+        worker knew before: another worker may have counted more in between.
+        """
+        generation = self.app.consumer_generation_id
+        if generation != self.seen_generation:
+            self.seen_ids = SeenIds(self.settings.dedupe_horizon_h * 3600)
+            self.seen_generation = generation
 
     def _record_lag(self, last_offsets: dict[int, int]) -> None:
         topic = self.usage.get_topic_name()

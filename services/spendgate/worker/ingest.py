@@ -4,8 +4,9 @@ Exactly once without transactions (the embedded broker has none):
 
 1. Every record is validated; a record proven invalid becomes a dead letter with its reason.
 2. ``event_id`` is looked up in ``seen`` (remembered in the partition the event lives in, since
-   gateways key events by ``key_id``). An id already seen at *another* offset is a duplicate
-   and dropped; seen at *this* offset means the record is being replayed after a crash.
+   gateways key events by ``key_id``). An id already seen at *another* place (partition and
+   offset) is a duplicate and dropped; seen at *this* place means the record is being replayed
+   after a crash.
 3. Charges are aggregated per scope into minute buckets. Events at offsets above the
    partition's ``progress`` (never emitted before) form one delta per (partition, scope) whose
    ``last`` is the batch's last offset in that partition. Events at or below ``progress`` may
@@ -120,7 +121,7 @@ def dead_letter(record: RawRecord, reason: str, topic: str) -> DeadLetter:
 def plan_batch(
     records: Sequence[RawRecord],
     *,
-    seen: Callable[[str], int | None],
+    seen: Callable[[str], tuple[int, int] | None],
     progress: Mapping[int, int],
     registry: RegistryView,
     topic: str,
@@ -143,9 +144,8 @@ def plan_batch(
         except ValueError as exc:
             plan.dead_letters.append((record, dead_letter(record, str(exc), topic)))
             continue
-        in_batch = plan.seen_new.get(event.event_id)
-        previous = in_batch[1] if in_batch else seen(event.event_id)
-        if previous is not None and previous != offset:
+        previous = plan.seen_new.get(event.event_id) or seen(event.event_id)
+        if previous is not None and previous != (p, offset):
             plan.duplicates += 1
             continue
         plan.seen_new[event.event_id] = (p, offset)

@@ -2,8 +2,10 @@
 
 Persisted as one table record per (partition, batch): ``"{p}/{first offset}" -> {"t": written
 at, "ids": [[event id, offset], ...]}``, so a batch costs one changelog write, not one per
-event, and expiry drops whole records. The lookup index (event id -> offset) is in memory and
-rebuilt from the recovered records when a partition is assigned.
+event, and expiry drops whole records. The lookup index (event id -> (partition, offset)) is in
+memory and rebuilt from the recovered records when a partition is assigned; the worker starts
+a new one after every rebalance, so it never holds ids of partitions it no longer owns (or
+misses the ids another worker added while it did not own one).
 
 Memory: about 200 bytes per remembered id (the index entry plus its share of the record).
 """
@@ -18,10 +20,11 @@ from typing import Any
 class SeenIds:
     def __init__(self, horizon_s: float) -> None:
         self.horizon_s = horizon_s
-        self.index: dict[str, int] = {}
+        self.index: dict[str, tuple[int, int]] = {}
         self._records: dict[int, deque[tuple[float, str, list[str]]]] = {}
 
-    def offset_of(self, event_id: str) -> int | None:
+    def where(self, event_id: str) -> tuple[int, int] | None:
+        """``(partition, offset)`` at which ``event_id`` was first counted, if remembered."""
         return self.index.get(event_id)
 
     def is_loaded(self, partition: int) -> bool:
@@ -34,7 +37,7 @@ class SeenIds:
         for key, value in items:
             if key.startswith(prefix):
                 ids = [str(event_id) for event_id, _ in value["ids"]]
-                self.index.update((str(event_id), int(offset)) for event_id, offset in value["ids"])
+                self.index.update((str(i), (partition, int(offset))) for i, offset in value["ids"])
                 found.append((float(value["t"]), key, ids))
         self._records[partition] = deque(sorted(found))
 
@@ -45,7 +48,7 @@ class SeenIds:
         fresh = {event_id: offset for event_id, offset in new.items() if event_id not in self.index}
         if not fresh:
             return None
-        self.index.update(fresh)
+        self.index.update((event_id, (partition, offset)) for event_id, offset in fresh.items())
         key = f"{partition}/{min(fresh.values())}"
         self._records.setdefault(partition, deque()).append((now, key, list(fresh)))
         return key, {"t": now, "ids": [[event_id, offset] for event_id, offset in fresh.items()]}
