@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -49,6 +50,26 @@ async def follow_config(
         await client.stop()
 
 
+#: Cyclic GC thresholds for the worker (CPython's default is 700, 10, 10).
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_gc() -> None:
+    """Make the cyclic garbage collector cheap for a process holding one ledger per scope.
+
+    Why: the worker allocates a few dicts per applied delta and keeps ~10 objects per scope
+    alive, so with the default thresholds CPython ran a young collection every 700 allocations
+    and, every few seconds, a full one over the whole heap (imports included): over half of
+    stage B's CPU (measured: 150 -> 70 us per event). ``gc.freeze()`` moves everything
+    allocated so far (modules, Faust, pydantic schemas) out of the collector's sight for good;
+    the higher thresholds make young collections ~70x rarer. Reference counting still frees
+    acyclic garbage at once; only cyclic garbage lives longer (bounded by the thresholds).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def run(settings: Settings) -> None:
     """Start the Faust worker (blocks; Faust handles SIGINT/SIGTERM)."""
     from spendgate.worker.app import build
@@ -61,4 +82,5 @@ def run(settings: Settings) -> None:
     async def config_feed() -> None:
         await follow_config(settings, worker.on_config, worker.config_ready)
 
+    tune_gc()
     run_worker(app, loglevel=settings.log_level.lower())
