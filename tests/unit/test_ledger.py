@@ -214,8 +214,39 @@ def test_same_offsets_from_another_partition_are_counted() -> None:
 def test_apply_reports_the_records_it_changed() -> None:
     ledger = ScopeLedger()
     day1, day2 = ts(2026, 5, 1, 23, 59), ts(2026, 5, 2, 0, 1)
-    dirty = ledger.apply(0, 1, minute_charges([(day1, 1), (day2, 2)]))
-    assert sorted(dirty) == sorted([HOT, day1 // DAY, day2 // DAY])
+    assert ledger.apply(0, 1, minute_charges([(day1, 1), (day2, 2)])) == [HOT]  # both days are hot
+    day4 = ts(2026, 5, 4, 12)
+    assert sorted(ledger.apply(0, 2, minute_charges([(day4, 4)]))) == [HOT, day1 // DAY, day2 // DAY]
+    assert ledger.apply(0, 3, minute_charges([(day1, 8)])) == [HOT, day1 // DAY]  # late: day record
+    assert ledger.quarters(day1 // DAY) == {95: 9} and ledger.quarters(day4 // DAY) == {48: 4}
+
+
+def test_a_delta_of_the_current_day_changes_only_the_hot_record() -> None:
+    ledger = ScopeLedger()
+    t = ts(2026, 5, 1, 10)
+    for i in range(5):
+        assert ledger.apply(0, i, {t // 60 + i: 1}) == [HOT]
+    assert ledger.days == {} and ledger.quarters(t // DAY) == {40: 5}
+
+
+def test_exported_day_keeps_its_hot_copy_until_settled() -> None:
+    """Day record written, hot record not (or the reverse): the day is counted exactly once."""
+    t = ts(2026, 5, 1, 10)
+    ledger = ScopeLedger()
+    ledger.apply(0, 1, {t // 60: 100})
+    hot0, days0 = snapshot(ledger)
+    delta = (0, 2, {(t + 2 * DAY) // 60: 10})
+    assert sorted(ledger.apply(*delta)) == [HOT, t // DAY]
+    hot1, days1 = snapshot(ledger)
+    assert json.loads(hot1)["d"].keys() == {str(t // DAY), str(t // DAY + 2)}  # hot copy kept
+    for hot, days in ((hot1, days0), (hot0, days1), (hot1, days1)):
+        recovered = restore(hot, days)
+        recovered.apply(*delta)
+        assert recovered.sum_between(t - DAY, t + 3 * DAY) == 110 == recovered.total
+        assert recovered.quarters(t // DAY) == {40: 100}
+    ledger.settle()
+    assert json.loads(snapshot(ledger)[0])["d"].keys() == {str(t // DAY + 2)}
+    assert ledger.sum_between(t - DAY, t + 3 * DAY) == 110
 
 
 @given(histories(span=5 * DAY, max_events=25), st.data())
@@ -231,6 +262,8 @@ def test_crash_between_record_writes_is_repaired_by_replaying_the_delta(
     ledger = ScopeLedger()
     for d in deltas[:crash_at]:
         ledger.apply(*d)
+        if data.draw(st.booleans()):  # the worker settles once a batch's writes are durable
+            ledger.settle()
     hot0, days0 = snapshot(ledger)
     dirty = ledger.apply(*deltas[crash_at])
     hot1, days1 = snapshot(ledger)
@@ -246,7 +279,7 @@ def test_crash_between_record_writes_is_repaired_by_replaying_the_delta(
     for d in deltas:
         reference.apply(*d)
     for day in {t // DAY for t, _ in events}:
-        assert recovered.days[day].quarters == reference.days[day].quarters
+        assert recovered.quarters(day) == reference.quarters(day)
     for spec in ("1h", "1d", "1w", "1mo", "15m"):
         for t, _ in events[:5]:
             s, e = window_bounds(WindowSpec.parse(spec), t, ZoneInfo("America/New_York"))
@@ -317,7 +350,9 @@ def test_expire_drops_only_days_older_than_the_retention() -> None:
         ledger.apply(0, i, {day * DAY // 60: 1})
     dropped = ledger.expire(now)
     assert sorted(dropped) == [today - DAY_RETENTION - 5, today - DAY_RETENTION - 1]
-    assert sorted(ledger.days) == [today - DAY_RETENTION, today]
+    assert sorted(ledger.days) == [today - DAY_RETENTION]  # today is in the hot record
+    assert ledger.quarters(today) == {0: 1}
+    assert ledger.sum_between((today - DAY_RETENTION - 10) * DAY, (today + 1) * DAY) == 2
     assert ledger.total == 4  # lifetime spend is never expired
     assert ledger.expire(now) == []
 

@@ -2,9 +2,18 @@
 
 Storage (what the worker persists, one table record each):
 - the *hot* record: lifetime ``total``, minute buckets of at least the last
-  ``MINUTE_RETENTION`` minutes (about that many buckets at most), and a watermark per source
-  partition;
-- one *day* record per UTC day: quarter-hour buckets of that day, with its own watermarks.
+  ``MINUTE_RETENTION`` minutes (about that many buckets at most), a watermark per source
+  partition, and the quarter-hour buckets of the ``HOT_DAYS`` newest UTC days, so a delta of
+  the current day changes one record, not two;
+- one *day* record per older UTC day: quarter-hour buckets of that day, with its own watermarks.
+
+Each day's quarters have one authoritative record: its day record when one exists, else the
+hot record. When a newer day pushes a day out of the hot record it is *exported*: a day record
+is made from the hot copy with the hot watermarks (same content, same deltas), and the hot copy
+stays in the hot record until :meth:`ScopeLedger.settle` says the day record is durable. A crash
+in between leaves either the hot copy alone (the day record was lost) or both (the day record
+wins), never neither. A delta for a day older than the hot ones and without a day record starts
+a new day record.
 
 A delta from source partition ``p`` covering offsets up to ``last`` is applied to a record only
 when ``last`` is above that record's watermark for ``p``; each record carries its own
@@ -35,6 +44,7 @@ QUARTER = 900
 DAY = 86_400
 MINUTE_RETENTION = 120  # minutes of minute buckets kept in the hot record
 DAY_RETENTION = 400  # days of quarter-hour buckets kept
+HOT_DAYS = 2  # newest UTC days whose quarters live in the hot record (today and yesterday)
 
 
 def _admits(watermarks: dict[int, int], partition: int, last_offset: int) -> bool:
@@ -46,25 +56,29 @@ class HotRecord:
     total: int = 0
     minutes: dict[int, int] = field(default_factory=dict)  # epoch minute -> nanos
     watermarks: dict[int, int] = field(default_factory=dict)  # source partition -> last offset
+    days: dict[int, dict[int, int]] = field(default_factory=dict)  # epoch day -> quarter -> nanos
 
     def to_json(self) -> dict[str, object]:
-        return {
-            "t": self.total,
-            "m": {str(k): v for k, v in self.minutes.items()},
-            "w": {str(k): v for k, v in self.watermarks.items()},
-        }
+        """A JSON-ready copy, but with integer keys: dump it with ``orjson.OPT_NON_STR_KEYS``
+        (or ``json``), which writes them as strings. Copying dicts beats re-keying them."""
+        out: dict[str, object] = {"t": self.total, "m": dict(self.minutes), "w": dict(self.watermarks)}
+        if self.days:  # absent in records written before days lived here: same format then
+            out["d"] = {d: dict(qs) for d, qs in self.days.items()}
+        return out
 
     @classmethod
     def from_json(cls, raw: Mapping[str, object]) -> HotRecord:
         minutes = raw.get("m") or {}
         marks = raw.get("w") or {}
-        assert isinstance(minutes, dict) and isinstance(marks, dict)
+        days = raw.get("d") or {}
+        assert isinstance(minutes, dict) and isinstance(marks, dict) and isinstance(days, dict)
         total = raw.get("t", 0)
         assert isinstance(total, int)
         return cls(
             total,
             {int(k): int(v) for k, v in minutes.items()},
             {int(k): int(v) for k, v in marks.items()},
+            {int(d): {int(q): int(n) for q, n in qs.items()} for d, qs in days.items()},
         )
 
 
@@ -74,10 +88,8 @@ class DayRecord:
     watermarks: dict[int, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
-        return {
-            "q": {str(k): v for k, v in self.quarters.items()},
-            "w": {str(k): v for k, v in self.watermarks.items()},
-        }
+        """Like :meth:`HotRecord.to_json`: integer keys."""
+        return {"q": dict(self.quarters), "w": dict(self.watermarks)}
 
     @classmethod
     def from_json(cls, raw: Mapping[str, object]) -> DayRecord:
@@ -135,35 +147,80 @@ class ScopeLedger:
         """Apply a delta (epoch minute -> nanos) from ``partition`` up to ``last_offset``.
 
         Idempotent per record. Returns the ids of the records it changed (``HOT`` or an epoch
-        day) so the caller persists exactly those.
+        day, also for a day exported from the hot record) so the caller persists exactly those;
+        after they are durable, call :meth:`settle`.
         """
         dirty: list[int] = []
         hot = self.hot
-        if _admits(hot.watermarks, partition, last_offset):
+        hot_days = hot.days
+        records = self.days
+        counting = bool(self._counters)
+        hot_admits = last_offset > hot.watermarks.get(partition, -1)
+        if hot_admits:
+            hot_minutes = hot.minutes
             for minute, nanos in minutes.items():
                 hot.total += nanos
-                hot.minutes[minute] = hot.minutes.get(minute, 0) + nanos
-                self._count(minute * MINUTE, nanos, from_quarters=False)
+                hot_minutes[minute] = hot_minutes.get(minute, 0) + nanos
+                if counting:
+                    self._count(minute * MINUTE, nanos, from_quarters=False)
             hot.watermarks[partition] = last_offset
-            if len(hot.minutes) > MINUTE_RETENTION:  # prune only when there may be old buckets
-                horizon = max(hot.minutes) - MINUTE_RETENTION
-                for minute in [m for m in hot.minutes if m <= horizon]:
-                    del hot.minutes[minute]
+            if len(hot_minutes) > MINUTE_RETENTION:  # prune only when there may be old buckets
+                horizon = max(hot_minutes) - MINUTE_RETENTION
+                for minute in [m for m in hot_minutes if m <= horizon]:
+                    del hot_minutes[minute]
             dirty.append(HOT)
-        by_day: dict[int, list[tuple[int, int]]] = {}
+        floor = max(hot_days) - (HOT_DAYS - 1) if hot_days else None
+        admitted: dict[int, bool] = {}  # day record -> admits this delta
         for minute, nanos in minutes.items():
-            by_day.setdefault(minute * MINUTE // DAY, []).append((minute, nanos))
-        for day, charges in by_day.items():
-            record = self.days.setdefault(day, DayRecord())
-            if not _admits(record.watermarks, partition, last_offset):
+            instant = minute * MINUTE
+            day = instant // DAY
+            quarter = (instant - day * DAY) // QUARTER
+            record = records.get(day)
+            if record is None and (floor is None or day >= floor or day in hot_days):
+                if hot_admits:
+                    quarters = hot_days.get(day)
+                    if quarters is None:
+                        quarters = hot_days[day] = {}
+                    quarters[quarter] = quarters.get(quarter, 0) + nanos
+                    if counting:
+                        self._count(instant, nanos, from_quarters=True)
                 continue
-            for minute, nanos in charges:
-                quarter = (minute * MINUTE - day * DAY) // QUARTER
+            if record is None:
+                record = records[day] = DayRecord()
+            admits = admitted.get(day)
+            if admits is None:
+                admits = admitted[day] = _admits(record.watermarks, partition, last_offset)
+                if admits:
+                    dirty.append(day)
+            if admits:
                 record.quarters[quarter] = record.quarters.get(quarter, 0) + nanos
-                self._count(minute * MINUTE, nanos, from_quarters=True)
-            record.watermarks[partition] = last_offset
-            dirty.append(day)
+                if counting:
+                    self._count(instant, nanos, from_quarters=True)
+        for day in admitted:
+            if admitted[day]:
+                records[day].watermarks[partition] = last_offset
+        if hot_admits and len(hot_days) > 1:
+            dirty += self._export()
         return dirty
+
+    def _export(self) -> list[int]:
+        """Turn hot days older than the ``HOT_DAYS`` newest into day records (see module doc)."""
+        hot = self.hot
+        floor = max(hot.days) - (HOT_DAYS - 1)
+        exported = [day for day in hot.days if day < floor and day not in self.days]
+        for day in exported:
+            self.days[day] = DayRecord(dict(hot.days[day]), dict(hot.watermarks))
+        return exported
+
+    def settle(self) -> None:
+        """Drop the hot copies of exported days: call once their day records are durable."""
+        for day in [day for day in self.hot.days if day in self.days]:
+            del self.hot.days[day]
+
+    def quarters(self, day: int) -> dict[int, int]:
+        """Quarter-hour buckets of an epoch day, from its authoritative record."""
+        record = self.days.get(day)
+        return record.quarters if record is not None else self.hot.days.get(day, {})
 
     def _count(self, instant: int, nanos: int, *, from_quarters: bool) -> None:
         # A cached sum reads each part of its window from one kind of record (as sum_between
@@ -192,13 +249,13 @@ class ScopeLedger:
             return self._sum_minutes(start, end)
         total = self._sum_minutes(start, q_start) + self._sum_minutes(q_end, end)
         for day in range(q_start // DAY, (q_end - 1) // DAY + 1):
-            record = self.days.get(day)
-            if record is None:
+            quarters = self.quarters(day)
+            if not quarters:
                 continue
             base = day * DAY
             lo = max(0, (q_start - base) // QUARTER)
             hi = min(96, (q_end - base) // QUARTER)
-            total += sum(n for q, n in record.quarters.items() if lo <= q < hi)
+            total += sum(n for q, n in quarters.items() if lo <= q < hi)
         return total
 
     def _sum_minutes(self, start: int, end: int) -> int:
@@ -212,6 +269,7 @@ class ScopeLedger:
         old = [day for day in self.days if day < cutoff]
         for day in old:
             del self.days[day]
+            self.hot.days.pop(day, None)  # an unsettled hot copy must not count again
         return old
 
 

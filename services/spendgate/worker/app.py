@@ -216,6 +216,8 @@ class Worker:
             for scope in set(hots) | set(days)
             if partition_of(scope, self.settings.partitions) in owned
         }
+        for ledger in self.ledgers.values():
+            ledger.settle()  # recovered day records are durable
         for scope in list(self.publisher.published):
             if scope not in self.ledgers:
                 self.publisher.forget(scope)
@@ -232,24 +234,40 @@ class Worker:
 
     async def aggregate(self, events: Sequence[faust.EventT]) -> None:
         self.ensure_ledgers()
-        writes: dict[int, list[tuple[str, Any]]] = {}
+        ledgers = self.ledgers
+        # each changed record is written once per batch, with its final value: a crash leaves
+        # every record at some state it really had, each with its own watermarks
+        changed: dict[int, dict[tuple[str, int], ScopeLedger]] = {}
+        exported: list[ScopeLedger] = []
         touched: dict[str, tuple[int, int]] = {}
         applied = 0
         for event in events:
-            items = writes.setdefault(event.message.partition, [])
+            dirty_in = changed.setdefault(event.message.partition, {})
             for delta in decode_bundle(event.message.value or b"[]"):
-                ledger = self._ledger(delta.scope)
-                for record_id in ledger.apply(delta.partition, delta.last, delta.minutes):
-                    if record_id == HOT:
-                        items.append((delta.scope, ledger.hot.to_json()))
-                    else:
-                        items.append((day_key(delta.scope, record_id), ledger.days[record_id].to_json()))
+                scope = delta.scope
+                ledger = ledgers.get(scope) or self._ledger(scope)
+                dirty = ledger.apply(delta.partition, delta.last, delta.minutes)
+                for record_id in dirty:
+                    dirty_in[scope, record_id] = ledger
+                if len(dirty) > 1 or (dirty and dirty[0] != HOT):
+                    exported.append(ledger)
                 applied += 1
-                touched[delta.scope] = (delta.partition, delta.last)
+                touched[scope] = (delta.partition, delta.last)
+        writes = {
+            q: [
+                (scope, ledger.hot.to_json())
+                if record_id == HOT
+                else (day_key(scope, record_id), ledger.days[record_id].to_json())
+                for (scope, record_id), ledger in dirty_in.items()
+            ]
+            for q, dirty_in in changed.items()
+        }
         futures = [
             f for q, items in writes.items() for f in await write_in_partition(self.ledger_table, q, items)
         ]
         await flush(self.app, futures)
+        for ledger in exported:  # their day records are durable now
+            ledger.settle()
         metrics.DELTAS.labels(stage="applied").inc(applied)
         now = time.time()
         for scope, (partition, offset) in touched.items():

@@ -310,9 +310,10 @@ def items_in_partition(table: Collection, partition: int) -> Iterator[tuple[Any,
 
 def _encode(topic: Any, obj: Any, serializer: Any, *, key: bool) -> bytes:
     # Faust's json codec is the stdlib's; orjson writes the same JSON (UTF-8 rather than
-    # \u-escapes, which Faust's decoder reads the same) several times faster.
+    # \u-escapes, which Faust's decoder reads the same) several times faster. Like the stdlib,
+    # write integer dict keys as strings (the ledger records' buckets).
     if serializer in (None, "json"):
-        return orjson.dumps(obj)
+        return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS)
     prepared = topic.prepare_key(obj, serializer) if key else topic.prepare_value(obj, serializer)
     return cast(bytes, prepared[0])
 

@@ -40,7 +40,7 @@ class RawRecord:
     key: bytes | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Delta:
     """Charges of one scope from one source partition, up to ``last`` (internal topic record)."""
 
@@ -80,13 +80,26 @@ def encode_bundle(deltas: Sequence[Delta]) -> bytes:
     """Many deltas in one internal record (all for scopes of one ``worker.deltas`` partition).
 
     Bundling keeps stage B's per-record framework cost per batch, not per scope; order inside
-    a bundle is kept, so per-source-partition offset order per scope still holds.
+    a bundle is kept, so per-source-partition offset order per scope still holds. Each delta is
+    a flat array ``[scope, p, first, last, minute, nanos, minute, nanos, ...]``: stage B decodes
+    tens of thousands a second, and integer keys need no string round trip.
     """
-    return b"[" + b",".join(d.to_json() for d in deltas) + b"]"
+    return orjson.dumps(
+        [[d.scope, d.partition, d.first, d.last, *(x for m in d.minutes.items() for x in m)] for d in deltas]
+    )
 
 
 def decode_bundle(raw: bytes) -> list[Delta]:
-    return [Delta.from_json(item) for item in orjson.loads(raw)]
+    """Read a bundle of :func:`encode_bundle` (or of ``Delta.to_json`` objects, the old format)."""
+    out = []
+    for item in orjson.loads(raw):
+        if type(item) is list:
+            flat = iter(item)
+            scope, partition, first, last = next(flat), next(flat), next(flat), next(flat)
+            out.append(Delta(scope, partition, first, last, dict(zip(flat, flat, strict=True))))
+        else:  # records produced before the flat format; may still be in flight at an upgrade
+            out.append(Delta.from_json(item))
+    return out
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 
 from spendgate.adapters.follower import TopicFollower
@@ -14,6 +15,26 @@ log = logging.getLogger(__name__)
 
 #: Config changes must be decided within 1 s; a 100 ms fetch wait keeps the idle follower cheap.
 CONFIG_WAIT_MS = 100
+
+
+#: Cyclic GC thresholds for the worker (CPython's default is 700, 10, 10).
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_gc() -> None:
+    """Make the cyclic garbage collector cheap for a process holding one ledger per scope.
+
+    Why: the worker allocates a few dicts per applied delta and keeps ~10 objects per scope
+    alive, so with the default thresholds CPython ran a young collection every 700 allocations
+    and, every few seconds, a full one over the whole heap (imports included): over half of
+    stage B's CPU (measured: 150 -> 70 us per event). ``gc.freeze()`` moves everything
+    allocated so far (modules, Faust, pydantic schemas) out of the collector's sight for good;
+    the higher thresholds make young collections ~70x rarer. Reference counting still frees
+    acyclic garbage at once; only cyclic garbage lives longer (bounded by the thresholds).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def run(settings: Settings) -> None:
@@ -52,4 +73,5 @@ def run(settings: Settings) -> None:
         finally:
             await follower.stop()
 
+    tune_gc()
     run_worker(app, loglevel=settings.log_level.lower())
