@@ -1,4 +1,4 @@
-"""SeenIds: the in-memory index of counted event ids, its table records and its expiry."""
+"""SeenIds (the in-memory index of counted event ids, its records, expiry) and the worker's GC setup."""
 
 from __future__ import annotations
 
@@ -50,3 +50,17 @@ def test_the_worker_starts_a_new_index_after_every_rebalance(tmp_path: Path) -> 
     app.consumer_generation_id = 2
     worker._forget_seen_ids_after_a_rebalance()
     assert worker.seen_ids.where("e1") is None and not worker.seen_ids.is_loaded(0)
+
+
+def test_tune_gc_freezes_the_start_up_heap_and_raises_the_thresholds() -> None:
+    import gc
+
+    from spendgate.worker.main import GC_THRESHOLDS, tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == GC_THRESHOLDS and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
