@@ -37,7 +37,8 @@ schemas: install ## Regenerate the JSON Schemas in schemas/
 	$(BIN)/spendgate schemas schemas
 
 bench: install ## Benchmarks: gate, worker, enforcement delay, overshoot, cold start -> BENCHMARKS.md/.json
-	@if [ -d bench ] || [ -f bench.py ]; then $(BIN)/python -m bench; else echo "bench: not yet"; fi
+	@($(BIN)/python -c 'import redis' 2>/dev/null && test -x $(BIN)/py-spy) || $(BIN)/python -m pip install -q -e '.[dev,bench]'
+	$(BIN)/python -m bench
 
 clean: ## Remove caches, build output and the dev stack's data (.spendgate/)
 	rm -rf .spendgate .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist
