@@ -1,7 +1,9 @@
-"""``python -m bench [--only gate,worker,enforce,overshoot,cold,micro] [--quick]`` (what ``make bench`` runs).
+"""``python -m bench [--only gate,worker,replay,enforce,overshoot,cold,micro] [--quick]`` (``make bench``).
 
 Starts its own embedded stack (Tansu + Postgres on free ports; spendgate worker/API as child
 processes), runs each measurement beside its baseline, writes BENCHMARKS.md and BENCHMARKS.json.
+With ``--only``, the phases run replace theirs in the existing BENCHMARKS.json and the others
+are kept (the report says which run each comes from).
 """
 
 from __future__ import annotations
@@ -25,7 +27,17 @@ from bench import report
 from bench.common import log
 
 ROOT = Path(__file__).resolve().parent.parent
-PHASES = ("micro", "gate", "cold", "worker", "enforce", "overshoot")
+PHASES = ("micro", "gate", "cold", "worker", "replay", "enforce", "overshoot")
+#: BENCHMARKS.json keys written by each phase (for ``--only`` merges).
+PHASE_KEYS = {
+    "micro": ("micro",),
+    "gate": ("gate", "gate_data"),
+    "cold": ("cold_api", "cold_worker", "gate_data"),
+    "worker": ("worker",),
+    "replay": ("replay",),
+    "enforce": ("enforce", "enforce_1000"),
+    "overshoot": ("overshoot",),
+}
 
 
 def machine() -> dict[str, Any]:
@@ -57,7 +69,7 @@ def micro(quick: bool) -> dict[str, Any]:
 
 
 async def main_async(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    from bench import coldstart, gate, live, worker
+    from bench import coldstart, gate, live, replay, worker
     from bench.stack import Stack
 
     only = set(args.only.split(",")) if args.only else set(PHASES)
@@ -87,6 +99,8 @@ async def main_async(args: argparse.Namespace, results: dict[str, Any]) -> None:
             results["cold_api"] = coldstart.api_cold_start(stack, "gate.", 2 if quick else 3)
         if "worker" in only:
             results["worker"] = await worker.run_worker_bench(stack, workdir, quick)
+        if "replay" in only:
+            results["replay"] = await replay.run_replay_bench(stack, workdir, quick)
         if only & {"enforce", "overshoot"}:
             n_enf, n_over = (4, 1) if quick else (10, 3)
             enforce_keys, over_keys = live.trial_keys(n_enf + 1, n_over)
@@ -129,6 +143,19 @@ def profile_gate(stack: Any, server: Any, workdir: Path, quick: bool) -> dict[st
     return top_frames(out_file)
 
 
+def merged(previous: dict[str, Any], new: dict[str, Any], phases: list[str]) -> dict[str, Any]:
+    """``previous`` with the keys of ``phases`` taken from ``new``; remembers what came from where."""
+    out = dict(previous)
+    for phase in phases:
+        for key in PHASE_KEYS.get(phase, ()):
+            if key in new:
+                out[key] = new[key]
+    runs = [r for r in previous.get("updates", []) if r.get("phases") != phases]
+    out["updates"] = [*runs, {"phases": phases, "command": new["command"], "started_at": new["started_at"],
+                              "elapsed_s": new["elapsed_s"], "machine": new["machine"], "error": new.get("error")}]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--only", default="", help=f"comma-separated subset of {','.join(PHASES)}")
@@ -147,11 +174,13 @@ def main() -> None:
         results["error"] = "".join(traceback.format_exception(exc))[-4000:]
         log(f"FAILED: {exc!r}")
         code = 1
-    results["elapsed_s"] = time.monotonic() - started
+    elapsed = results["elapsed_s"] = time.monotonic() - started
     out = Path(args.out)
+    if args.only and (out / "BENCHMARKS.json").exists():
+        results = merged(json.loads((out / "BENCHMARKS.json").read_text()), results, args.only.split(","))
     (out / "BENCHMARKS.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     (out / "BENCHMARKS.md").write_text(report.markdown(results))
-    log(f"wrote {out / 'BENCHMARKS.md'} and BENCHMARKS.json in {results['elapsed_s']:.0f}s")
+    log(f"wrote {out / 'BENCHMARKS.md'} and BENCHMARKS.json in {elapsed:.0f}s")
     sys.exit(code)
 
 

@@ -190,7 +190,7 @@ def _short(frame: str) -> str:
 
 
 async def run_worker_bench(stack: Stack, workdir: Path, quick: bool) -> dict[str, Any]:
-    n_events = 1_000 if quick else 3_000
+    n_events = 2_000 if quick else 20_000  # long enough to measure the steady state, not start-up
     reps = 1 if quick else 2
     out: dict[str, Any] = {"events_per_run": n_events, "keys": KEYS, "partitions": 8, "reps": reps, "runs": {}}
     run_id = 0
