@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -128,3 +129,24 @@ class ServiceProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
+
+
+@contextlib.contextmanager
+def running_services(log_dir: Path) -> Iterator[Callable[..., ServiceProcess]]:
+    """``start(command, settings, name, **env)`` starts a service; all are stopped on exit.
+
+    Their log tails are printed when they stop, which pytest shows for a failed test.
+    """
+    started: list[ServiceProcess] = []
+
+    def start(command: str, settings: Settings, name: str, **env: str) -> ServiceProcess:
+        proc = ServiceProcess(command, settings, log_dir / f"{name}.log", **env).start()
+        started.append(proc)
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            proc.stop()
+            print(f"--- {proc.log_path.name} (tail) ---\n{proc.log()}")

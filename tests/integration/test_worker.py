@@ -10,7 +10,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from tests.kafka_helpers import ServiceProcess, eventually, latest, produce, read_all
+from tests.kafka_helpers import ServiceProcess, eventually, latest, produce, read_all, running_services
 
 from spendgate.settings import Settings
 
@@ -85,17 +85,12 @@ def totals_from_state(state: dict[str, dict]) -> dict[str, Decimal]:
 
 @pytest.fixture
 def worker_factory(tmp_path: Path):
-    started: list[ServiceProcess] = []
+    with running_services(tmp_path) as start:
 
-    def make(settings: Settings, name: str = "worker") -> ServiceProcess:
-        proc = ServiceProcess("worker", settings, tmp_path / f"{name}.log").start()
-        started.append(proc)
-        return proc
+        def make(settings: Settings, name: str = "worker") -> ServiceProcess:
+            return start("worker", settings, name)
 
-    yield make
-    for proc in started:
-        proc.stop()
-        print(f"--- {proc.log_path.name} (tail) ---\n{proc.log()}")  # shown by pytest on failure
+        yield make
 
 
 def make_events(rng: random.Random, n: int) -> list[dict[str, object]]:

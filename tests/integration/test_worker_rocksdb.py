@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from tests.integration.test_worker import (
     register,
     totals_from_state,
 )
-from tests.kafka_helpers import ServiceProcess, eventually, latest, produce
+from tests.kafka_helpers import ServiceProcess, eventually, latest, produce, running_services
 
 from spendgate.settings import Settings
 
@@ -34,23 +35,14 @@ def rocks_worker(tmp_path: Path):
 
     ``data`` names its data_dir (``tmp_path/data-<data>``): reuse it to restart "the same" worker.
     """
-    started: list[ServiceProcess] = []
+    with running_services(tmp_path) as start:
 
-    def make(settings: Settings, name: str, data: str = "a") -> ServiceProcess:
-        proc = ServiceProcess(
-            "worker",
-            settings,
-            tmp_path / f"{name}.log",
-            SPENDGATE_WORKER_STORE="rocksdict://",
-            SPENDGATE_DATA_DIR=str(tmp_path / f"data-{data}"),
-        ).start()
-        started.append(proc)
-        return proc
+        def make(settings: Settings, name: str, data: str = "a") -> ServiceProcess:
+            data_dir = str(tmp_path / f"data-{data}")
+            store = "rocksdict://"
+            return start("worker", settings, name, SPENDGATE_WORKER_STORE=store, SPENDGATE_DATA_DIR=data_dir)
 
-    yield make
-    for proc in started:
-        proc.stop()
-        print(f"--- {proc.log_path.name} (tail) ---\n{proc.log()}")  # shown by pytest on failure
+        yield make
 
 
 def tables_dir(tmp_path: Path, data: str) -> Path:
@@ -115,7 +107,10 @@ async def test_rocksdb_sigkill_restarts_keep_exact_totals_and_dedupe(
     await eventually(lambda: _consumed_all(settings, worker), timeout=60)
     await asyncio.sleep(2)  # time for stage B and the state timer to show a wrong count
     await assert_exact(settings, expected, worker)
-    assert worker.log_path.read_text().count("rebuilding it from the changelog") == 3
+    # The three marked databases were rebuilt; others may be too, when the SIGKILL above caught
+    # their writes in flight (that is the guard working, so the count is not fixed).
+    rebuilt = set(re.findall(r"(\w+): partition (\d+) has writes", worker.log_path.read_text()))
+    assert {("ledger", "0"), ("seen", "1"), ("progress", "1")} <= rebuilt, rebuilt
 
 
 async def test_rocksdb_two_workers_and_a_restarted_one_give_the_same_totals(
