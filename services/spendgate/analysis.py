@@ -7,8 +7,10 @@ Identical to the live worker by construction, not by imitation:
 
 1. Records go through the worker's own :func:`~spendgate.worker.ingest.plan_batch` (validation,
    dead letters, dedupe by ``event_id`` -- first occurrence wins -- attribution, minute
-   buckets), fed in offset order within each partition, with an in-memory ``seen`` map that
-   holds the same thing the worker's ``seen`` table holds (event id -> partition, offset).
+   buckets), fed in offset order within each partition, with the worker's own ``SeenIds``
+   index. Its clock is the records' broker timestamps, so an id is forgotten
+   ``horizon_s`` after it was appended, where the worker forgets it that long after processing
+   it (the same moment give or take the worker's lag).
 2. Its deltas are applied to :class:`~spendgate.domain.ledger.ScopeLedger` objects, so totals
    and window sums are computed by the same code that feeds ``spend.state``. Cross-partition
    interleaving does not change any sum.
@@ -37,6 +39,7 @@ from spendgate.domain.money import format_usd, parse_usd
 from spendgate.domain.registry import RegistryView
 from spendgate.domain.windows import WindowSpec, window_bounds
 from spendgate.worker.ingest import Delta, RawRecord, parse_usage, plan_batch
+from spendgate.worker.seen import SeenIds
 
 ScopeMatch = Callable[[str], bool]
 
@@ -97,7 +100,8 @@ class Rebuild:
     budgets: Mapping[str, Budget] = field(default_factory=dict)
     start: float | None = None
     end: float | None = None
-    seen: dict[str, tuple[int, int]] = field(default_factory=dict)
+    horizon_s: float = float("inf")  # the worker's dedupe horizon; infinite: never forget an id
+    seen: SeenIds = field(init=False)
     ledgers: dict[str, ScopeLedger] = field(default_factory=dict)
     charges: list[Charge] = field(default_factory=list)
     positions: dict[int, int] = field(default_factory=dict)  # partition -> next offset
@@ -107,6 +111,9 @@ class Rebuild:
     dead_letters: int = 0
     out_of_range: int = 0
 
+    def __post_init__(self) -> None:
+        self.seen = SeenIds(self.horizon_s)
+
     @property
     def filtered(self) -> bool:
         return self.start is not None or self.end is not None
@@ -115,8 +122,20 @@ class Rebuild:
         """Apply a batch (any partitions, offset order within each, after every earlier batch)."""
         if not records:
             return
-        plan = plan_batch(records, seen=self.seen.get, progress={}, registry=self.registry, topic=self.topic)
-        self.seen.update(plan.seen_new)
+        clock: dict[int, float] = {}  # partition -> latest record timestamp in this batch
+        for record in records:
+            if record.timestamp is not None:
+                clock[record.partition] = max(record.timestamp, clock.get(record.partition, 0.0))
+        for p, now in clock.items():  # as the worker does before planning a batch
+            self.seen.expire(p, now)
+        plan = plan_batch(
+            records, seen=self.seen.where, progress={}, registry=self.registry, topic=self.topic
+        )
+        fresh: dict[int, dict[str, int]] = {}
+        for event_id, (p, offset) in plan.seen_new.items():
+            fresh.setdefault(p, {})[event_id] = offset
+        for p, ids in fresh.items():
+            self.seen.remember(p, ids, clock.get(p, 0.0))
         self.records += len(records)
         self.duplicates += plan.duplicates
         self.dead_letters += len(plan.dead_letters)
@@ -172,9 +191,10 @@ def rebuild(
     start: float | None = None,
     end: float | None = None,
     topic: str = "spend.usage",
+    horizon_s: float = float("inf"),
 ) -> Rebuild:
     """Rebuild from record batches (each in offset order per partition). Pure."""
-    state = Rebuild(registry, topic, budgets or {}, start, end)
+    state = Rebuild(registry, topic, budgets or {}, start, end, horizon_s)
     for batch in batches:
         state.feed(batch)
     return state

@@ -346,7 +346,7 @@ async def read_usage(
                     if as_of_ms is not None and m.timestamp >= as_of_ms:
                         targets[p] = m.offset  # the position of --as-of TIME in this partition
                         break
-                    records.append(RawRecord(p, m.offset, m.value, m.key))
+                    records.append(RawRecord(p, m.offset, m.value, m.key, m.timestamp / 1000))
             state.feed(records)
             progress.advance(len(records))
             pending = {p for p in pending if await client.position(tps[p]) < targets[p]}
@@ -532,7 +532,7 @@ async def run(options: argparse.Namespace, settings: Settings, stdout: IO[str], 
     budgets = file_budgets if file_budgets is not None else dict(registry.budgets)
     starts, targets = await usage_targets(settings, as_of)
     total = sum(max(0, targets[p] - starts.get(p, 0)) for p in targets)
-    state = Rebuild(registry, settings.topic("usage"), budgets, start, end)
+    state = Rebuild(registry, settings.topic("usage"), budgets, start, end, settings.dedupe_horizon_h * 3600)
     progress = Progress(stderr, total, quiet=options.quiet)
     as_of_ms = None if as_of is None or as_of.time is None else int(as_of.time * 1000)
     await read_usage(settings, state, starts, targets, progress, as_of_ms=as_of_ms)

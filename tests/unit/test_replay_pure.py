@@ -67,6 +67,21 @@ def test_duplicate_within_one_batch_is_dropped() -> None:
     assert state.ledgers["key:k1"].total == usd("1") and state.duplicates == 1
 
 
+def test_a_retry_later_than_the_dedupe_horizon_counts_again_as_in_the_live_worker() -> None:
+    """The worker forgets an id ``SPENDGATE_DEDUPE_HORIZON_H`` after it; replay does the same,
+    on the records' broker timestamps, so --diff-live agrees with it."""
+    day = 86_400.0
+    first = RawRecord(0, 0, orjson.dumps(ev("a", "2026-01-01T10:00:00", "1")), timestamp=1_000.0)
+    soon = RawRecord(0, 1, orjson.dumps(ev("a", "2026-01-01T10:00:00", "1")), timestamp=1_000.0 + day - 1)
+    late = RawRecord(0, 2, orjson.dumps(ev("a", "2026-01-01T10:00:00", "1")), timestamp=1_000.0 + 2 * day)
+    within = run([[first], [soon]], horizon_s=day)
+    assert within.ledgers["key:k1"].total == usd("1") and within.duplicates == 1
+    after = run([[first], [soon], [late]], horizon_s=day)
+    assert after.ledgers["key:k1"].total == usd("2") and after.duplicates == 1
+    forever = run([[first], [soon], [late]])  # no horizon: every retry stays a duplicate
+    assert forever.ledgers["key:k1"].total == usd("1") and forever.duplicates == 2
+
+
 def test_invalid_records_are_counted_as_dead_letters_and_charge_nothing() -> None:
     state = run(
         [records(b"not json", ev("x", "2026-01-01T10:00:00", "-1"), ev("ok", "2026-01-01T10:00:00", "0.5"))]

@@ -38,6 +38,7 @@ class RawRecord:
     offset: int
     value: bytes | None
     key: bytes | None = None
+    timestamp: float | None = None  # the broker record's, epoch s (replay's clock for the dedupe horizon)
 
 
 @dataclass(slots=True)
