@@ -39,7 +39,7 @@ from spendgate.domain.money import format_usd, parse_usd
 from spendgate.domain.registry import RegistryView
 from spendgate.domain.windows import WindowSpec, window_bounds
 from spendgate.worker.ingest import Delta, RawRecord, parse_usage, plan_batch
-from spendgate.worker.seen import SeenIds
+from spendgate.worker.seen import SeenIds, plan_with_seen
 
 ScopeMatch = Callable[[str], bool]
 
@@ -126,16 +126,9 @@ class Rebuild:
         for record in records:
             if record.timestamp is not None:
                 clock[record.partition] = max(record.timestamp, clock.get(record.partition, 0.0))
-        for p, now in clock.items():  # as the worker does before planning a batch
-            self.seen.expire(p, now)
-        plan = plan_batch(
-            records, seen=self.seen.where, progress={}, registry=self.registry, topic=self.topic
+        plan, _ = plan_with_seen(
+            self.seen, records, now=clock, progress={}, registry=self.registry, topic=self.topic
         )
-        fresh: dict[int, dict[str, int]] = {}
-        for event_id, (p, offset) in plan.seen_new.items():
-            fresh.setdefault(p, {})[event_id] = offset
-        for p, ids in fresh.items():
-            self.seen.remember(p, ids, clock.get(p, 0.0))
         self.records += len(records)
         self.duplicates += plan.duplicates
         self.dead_letters += len(plan.dead_letters)

@@ -46,9 +46,9 @@ from spendgate.worker.faust_app import (
     send_many,
     write_in_partition,
 )
-from spendgate.worker.ingest import Delta, RawRecord, decode_bundle, encode_bundle, plan_batch
+from spendgate.worker.ingest import Delta, RawRecord, decode_bundle, encode_bundle
 from spendgate.worker.publish import Publisher, state_json
-from spendgate.worker.seen import SeenIds
+from spendgate.worker.seen import SeenIds, plan_with_seen
 
 log = logging.getLogger(__name__)
 
@@ -134,26 +134,19 @@ class Worker:
             if not self.seen_ids.is_loaded(p):
                 self.seen_ids.load(p, items_in_partition(self.seen, p))
         progress = {p: int(get_in_partition(self.progress, p, str(p), -1)) for p in partitions}
-        plan = plan_batch(
+        plan, seen_writes = plan_with_seen(
+            self.seen_ids,
             records,
-            seen=self.seen_ids.where,
+            now=dict.fromkeys(partitions, time.time()),
             progress=progress,
             registry=self.registry,
             topic=self.usage.get_topic_name(),
         )
-        now = time.time()
-        by_partition: dict[int, dict[str, int]] = {}
-        for event_id, (p, offset) in plan.seen_new.items():
-            by_partition.setdefault(p, {})[event_id] = offset
         futures = []
         for p in partitions:
-            items: list[tuple[str, Any]] = [(key, None) for key in self.seen_ids.expire(p, now)]
-            record = self.seen_ids.remember(p, by_partition.get(p, {}), now)
-            if record is not None:
-                items.append(record)
             if p in plan.progress:
                 futures += await write_in_partition(self.progress, p, [(str(p), plan.progress[p])])
-            futures += await write_in_partition(self.seen, p, items)
+            futures += await write_in_partition(self.seen, p, seen_writes.get(p, []))
         await flush(self.app, futures)  # 2. durable before anything downstream sees the batch
         await send_many(  # 3. dead letters keyed as received
             self.outputs["usage.dlq"],

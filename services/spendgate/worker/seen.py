@@ -13,8 +13,14 @@ Memory: about 200 bytes per remembered id (the index entry plus its share of the
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+from spendgate.domain.registry import RegistryView
+from spendgate.worker.ingest import BatchPlan, RawRecord, plan_batch
+
+#: A ``seen`` table write: ``(key, record)``, or ``(key, None)`` to delete an expired record.
+SeenWrite = tuple[str, dict[str, Any] | None]
 
 
 class SeenIds:
@@ -63,3 +69,33 @@ class SeenIds:
                 self.index.pop(event_id, None)
             expired.append(key)
         return expired
+
+
+def plan_with_seen(
+    seen: SeenIds,
+    records: Sequence[RawRecord],
+    *,
+    now: Mapping[int, float],
+    progress: Mapping[int, int],
+    registry: RegistryView,
+    topic: str,
+) -> tuple[BatchPlan, dict[int, list[SeenWrite]]]:
+    """Plan one batch against ``seen``: expire, plan, remember. The worker and replay share it.
+
+    ``now`` is the clock per partition (processing time for the worker, the records' broker
+    timestamps for replay); a partition without one expires nothing. Ids older than the horizon
+    are forgotten *before* planning, so a retry that late counts again. Returns the plan and the
+    ``seen`` table writes per partition (expired records deleted, the batch's new record).
+    """
+    writes: dict[int, list[SeenWrite]] = {
+        p: [(key, None) for key in seen.expire(p, clock)] for p, clock in now.items()
+    }
+    plan = plan_batch(records, seen=seen.where, progress=progress, registry=registry, topic=topic)
+    fresh: dict[int, dict[str, int]] = {}
+    for event_id, (p, offset) in plan.seen_new.items():
+        fresh.setdefault(p, {})[event_id] = offset
+    for p, ids in fresh.items():
+        record = seen.remember(p, ids, now.get(p, 0.0))
+        if record is not None:
+            writes.setdefault(p, []).append(record)
+    return plan, writes
