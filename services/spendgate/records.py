@@ -198,10 +198,14 @@ class TeamRecord(_Config):
 
 
 class KeyRecord(_Config):
+    """A registered key. ``DELETE /v1/keys/K`` revokes: the record stays, with ``revoked: true``
+    and its team and user, and the gate denies the key until an admin registers it again."""
+
     type: Literal["key"] = "key"
     key_id: Id
     user_id: Id | None = None
     team_id: Id | None = None
+    revoked: bool = Field(default=False, description="deleted: every check of this key is denied")
 
 
 class MemberRecord(_Config):

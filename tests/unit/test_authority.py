@@ -169,3 +169,88 @@ def test_admin_is_not_bound_by_the_team_ceiling() -> None:
 def test_team_admin_token_without_team_may_do_nothing() -> None:
     lost = Principal(Role.TEAM_ADMIN, None, "x")
     assert isinstance(authorize(lost, R, TeamTarget("t1")), Denied)
+
+
+# --- registering keys as a team admin (issue 11: claiming keys, escaping a user budget) -------
+
+
+def put_key(key: str = "k1", team: str | None = "t1", user: str | None = None, **facts: Any) -> Any:
+    return authorize(TEAM_ADMIN, W, KeyTarget(key, team, user), **facts)
+
+
+def test_team_admin_may_register_a_key_new_to_spendgate() -> None:
+    assert put_key("k9", key_in_use=False) == Allowed()
+
+
+@pytest.mark.parametrize(
+    ("in_use", "reason"),
+    [
+        (
+            True,
+            "key k9 is not new to spendgate (it has recorded spend or a budget); "
+            "claiming a key in use takes an admin",
+        ),
+        (
+            None,
+            "cannot tell yet whether key k9 has recorded spend (the gate is still catching up); "
+            "retry, or ask an admin",
+        ),
+    ],
+)
+def test_team_admin_may_not_claim_an_unregistered_key_in_use(in_use: bool | None, reason: str) -> None:
+    decision = put_key("k9", key_in_use=in_use)
+    assert decision == Denied(reason)
+    assert authorize(ADMIN, W, KeyTarget("k9", "t1"), key_in_use=in_use) == Allowed()
+
+
+def test_team_admin_may_not_take_a_key_registered_in_another_team() -> None:
+    decision = put_key("k2", team_of_key="t2", key_exists=True)
+    assert decision == Denied("key k2 is registered outside team t1; claiming a key in use takes an admin")
+
+
+def test_team_admin_may_not_un_revoke_a_key_of_its_team() -> None:
+    decision = put_key(team_of_key="t1", key_exists=True, key_revoked=True)
+    assert decision == Denied("key k1 is revoked; only an admin may re-register it")
+    assert authorize(ADMIN, W, KeyTarget("k1", "t1"), team_of_key="t1", key_exists=True, key_revoked=True)
+    # revoking again and reading it stay the team admin's
+    for action in (R, D):
+        assert authorize(
+            TEAM_ADMIN, action, KeyTarget("k1"), team_of_key="t1", key_exists=True, key_revoked=True
+        )
+
+
+@pytest.mark.parametrize(("registered", "new"), [("dave", "nobody"), ("dave", None), (None, "dave")])
+def test_team_admin_may_not_change_the_user_of_an_existing_key(
+    registered: str | None, new: str | None
+) -> None:
+    decision = put_key(user=new, team_of_key="t1", key_exists=True, key_user=registered, user_is_member=True)
+    assert isinstance(decision, Denied)
+    assert decision.reason == (
+        "a team_admin may not change the user of key k1 "
+        f"(registered user: {registered or 'none'}); ask an admin"
+    )
+    same = put_key(user=registered, team_of_key="t1", key_exists=True, key_user=registered)
+    assert same == Allowed()
+
+
+def test_team_admin_sets_a_new_keys_user_only_to_a_member_of_its_team() -> None:
+    assert put_key("k9", user="alice", user_is_member=True) == Allowed()
+    decision = put_key("k9", user="mallory", user_is_member=False)
+    assert decision == Denied(
+        "user mallory is not a member of team t1; "
+        "a team_admin may set a new key's user only to a member of team t1"
+    )
+
+
+def test_denials_name_the_action_they_refuse() -> None:
+    team_budget = BudgetTarget(Scope.parse("team:t1"))
+    assert authorize(TEAM_ADMIN, W, team_budget) == Denied("only an admin may set the budget of team t1")
+    assert authorize(TEAM_ADMIN, D, team_budget) == Denied("only an admin may remove the budget of team t1")
+    org = BudgetTarget(Scope.parse("org:o1"))
+    assert authorize(TEAM_ADMIN, R, org) == Denied(
+        "a team_admin may not read org scopes, only those of its own team"
+    )
+    assert authorize(TEAM_ADMIN, W, org) == Denied("a team_admin may not set org budgets")
+    assert authorize(TEAM_ADMIN, D, org) == Denied("a team_admin may not remove org budgets")
+    assert authorize(TEAM_ADMIN, R, TokenTarget()) == Denied("only an admin may list tokens")
+    assert authorize(TEAM_ADMIN, D, TokenTarget()) == Denied("only an admin may mint or revoke tokens")

@@ -263,3 +263,38 @@ def test_retry_after_of_no_binding_window_is_at_least_one_second() -> None:
     from spendgate.domain.check import Binding
 
     assert retry_after([Binding("key:k1", "1h", 1, 1, NOW + 0.001)], NOW) == 1
+
+
+def test_a_revoked_key_is_denied_with_key_revoked_whatever_the_budgets_say() -> None:
+    gs = GateState()
+    gs.apply_config("key/k1", config_record("key", next(_seq), team_id="t1", user_id="dave", revoked=True))
+    gs.apply_state(state_record("key:k1", ("total", "2.5")))
+    body = check(CheckRequest("k1", team_id="other"), gs, NOW).to_json(7)
+    assert body == {
+        "allowed": False,
+        "blocked_by": [
+            {
+                "scope": "key:k1",
+                "window": "total",
+                "spend_usd": "2.5",
+                "limit_usd": "0",
+                "resets_at": None,
+                "code": "key_revoked",
+            }
+        ],
+        "retry_after_s": None,
+        "degraded": False,
+        "state_lag_ms": 7,
+    }
+    # an encoded id, no spend known yet
+    gs.apply_config("key/a%2Fb", config_record("key", next(_seq), key_id="a/b", revoked=True))
+    [binding] = check(CheckRequest("a/b"), gs, NOW).blocked_by
+    assert (binding.scope, binding.spend, binding.code) == ("key:a%2Fb", 0, "key_revoked")
+
+
+def test_re_registering_a_revoked_key_lifts_the_denial() -> None:
+    gs = GateState()
+    gs.apply_config("key/k1", config_record("key", 1, team_id="t1", revoked=True))
+    assert not check(CheckRequest("k1"), gs, NOW).allowed
+    gs.apply_config("key/k1", config_record("key", 2, team_id="t1"))
+    assert check(CheckRequest("k1"), gs, NOW).allowed

@@ -145,7 +145,6 @@ def test_a_stale_record_resent_after_a_delete_does_not_resurrect_the_entity() ->
     assert view.keys["k1"].team_id == "t2"
 
 
-
 @pytest.mark.parametrize(
     ("key", "bad", "good"),
     [
@@ -169,3 +168,23 @@ def test_a_malformed_record_changes_nothing_and_sets_no_version_floor(
         view.apply(key, bad)
     assert view == RegistryView()
     assert view.apply(key, good) is not None  # a lower version after the bad one still applies
+
+
+def test_revoked_key_keeps_its_user_and_team_and_re_registration_clears_it() -> None:
+    reg = RegistryView()
+    reg.apply("key/k1", config_record("key", 1, user_id="u1", team_id="t1"))
+    reg.apply("key/k1", config_record("key", 2, user_id="u1", team_id="t1", revoked=True))
+    assert reg.keys["k1"] == KeyInfo("u1", "t1", revoked=True)
+    reg.apply("key/k1", config_record("key", 3, user_id="u1", team_id="t2"))
+    assert reg.keys["k1"] == KeyInfo("u1", "t2", revoked=False)
+
+
+def test_a_revoked_keys_spend_is_still_charged_to_its_user_and_team() -> None:
+    from factories import usage_event
+    from spendgate.domain.attribution import scopes_for
+
+    reg = RegistryView()
+    reg.apply("team/t1", config_record("team", 1, team_id="t1", org_id="o1"))
+    reg.apply("key/k1", config_record("key", 2, user_id="dave", team_id="t1", revoked=True))
+    event = usage_event(key_id="k1", team_id="elsewhere", user_id="nobody")
+    assert scopes_for(event, reg) == ["key:k1", "user:dave", "team:t1", "member:t1/dave", "org:o1"]

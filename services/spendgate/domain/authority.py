@@ -7,13 +7,20 @@ those facts in the same transaction as the write they guard.
 
 Rules:
 - ``admin`` may do anything.
-- ``team_admin`` of team T may read T (the team, its members, keys and budgets), register keys
-  into T (a new key, or one already in T), add/remove members of T, and set or remove budgets
-  on ``key:K`` (K in T), ``member:T/U`` and ``key_model:K/M`` (K in T). Every limit it sets must
-  be <= team T's limit for the same window when T's budget has one; the ceiling is always the
-  parent team's budget, never anything about the caller's own token (seed 000). It may not
-  mint or revoke tokens: a gateway token can ingest spend for any key and a viewer token can
-  read every team, both beyond T's authority.
+- ``team_admin`` of team T may read T (the team, its members, keys and budgets), add/remove
+  members of T, revoke (DELETE) keys of T, and set or remove budgets on ``key:K`` (K in T),
+  ``member:T/U`` and ``key_model:K/M`` (K in T). Every limit it sets must be <= team T's limit
+  for the same window when T's budget has one; the ceiling is always the parent team's budget,
+  never anything about the caller's own token (seed 000). It may not mint or revoke tokens: a
+  gateway token can ingest spend for any key and a viewer token can read every team, both
+  beyond T's authority.
+- Registering a key (PUT) as ``team_admin`` of T, so that no constraint an admin set can be
+  escaped (issue 11):
+  - into T only; a key already registered must be in T and not revoked (un-revoking takes an
+    admin), and its user may not change (that would leave the user's budget);
+  - a key not registered must be new to spendgate: no recorded spend and no budget on it
+    (``key_in_use``); claiming a key in use, or one whose use is unknown yet, takes an admin;
+  - a new key's user, if any, must be a member of T.
 - ``viewer`` reads everything but tokens and the audit log.
 - ``gateway`` may only check and ingest.
 """
@@ -66,10 +73,11 @@ class TeamTarget:
 
 @dataclass(frozen=True, slots=True)
 class KeyTarget:
-    """Key K; ``team_id`` is the team a WRITE puts it in (its current team comes as ``team_of_key``)."""
+    """Key K; ``team_id``, ``user_id``: what a WRITE sets (the current ones come as facts)."""
 
     key_id: str
     team_id: str | None = None
+    user_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,15 +162,22 @@ def authorize(
     team_of_key: str | None = None,
     key_exists: bool = False,
     parent_budget: Budget | None = None,
+    key_user: str | None = None,
+    key_revoked: bool = False,
+    key_in_use: bool | None = False,
+    user_is_member: bool = False,
 ) -> Decision:
     """May ``principal`` do ``action`` on ``target``?
 
     - ``team_of_key``: the registry team of the key the target names (``KeyTarget``, or a
       ``key:K`` / ``key_model:K/M`` budget scope); ``None`` when the key has no team or is unknown.
-    - ``key_exists``: whether that key is registered at all (a team admin may not claim a
-      registered key that is not in its team).
+      A revoked key keeps its team.
+    - ``key_exists``: whether that key is registered at all (revoked keys are).
     - ``parent_budget``: the budget of the team that owns the target scope (for a budget WRITE
       by a team admin); ``None`` or no limits means no ceiling.
+    - For a key WRITE: ``key_user`` (its registered user), ``key_revoked``, ``key_in_use``
+      (an unregistered key has recorded spend or a budget; ``None`` = cannot tell yet) and
+      ``user_is_member`` (the user the WRITE sets is a member of the target team).
 
     Pure: no I/O, same answer for the same arguments.
     """
@@ -182,7 +197,10 @@ def authorize(
             return Denied("only an admin may read tokens and the audit log")
         return ALLOWED
     if role is Role.TEAM_ADMIN:
-        return _team_admin(principal, action, target, team_of_key, key_exists, parent_budget)
+        if isinstance(target, KeyTarget) and action is Action.WRITE:
+            facts = _KeyFacts(team_of_key, key_exists, key_user, key_revoked, key_in_use, user_is_member)
+            return _team_admin_key_write(principal.team_id, target, facts)
+        return _team_admin(principal, action, target, team_of_key, parent_budget)
     return Denied(f"unknown role {role}")  # pragma: no cover - Role is closed
 
 
@@ -191,7 +209,6 @@ def _team_admin(
     action: Action,
     target: Target,
     team_of_key: str | None,
-    key_exists: bool,
     parent_budget: Budget | None,
 ) -> Decision:
     team = principal.team_id
@@ -207,13 +224,7 @@ def _team_admin(
             if action is Action.READ:
                 return ALLOWED
             return Denied("only an admin may create, change or delete teams")
-        case KeyTarget(key_id=k, team_id=new_team):
-            if action is Action.WRITE:
-                if new_team != team:
-                    return Denied(f"team_admin of team {team} may only register keys into team {team}")
-                if key_exists and team_of_key != team:
-                    return Denied(f"key {k} is registered outside team {team}")
-                return ALLOWED
+        case KeyTarget(key_id=k):
             if team_of_key != team:
                 return Denied(f"key {k} is not in team {team}")
             return ALLOWED
@@ -222,8 +233,12 @@ def _team_admin(
         case BudgetTarget(scope=scope, budget=budget):
             return _team_admin_budget(team, action, scope, budget, team_of_key, parent_budget)
         case OrgTarget():
-            return Denied("only an admin may manage orgs")
+            if action is Action.READ:
+                return Denied("only an admin or a viewer may read orgs")
+            return Denied("only an admin may create or delete orgs")
         case TokenTarget():
+            if action is Action.READ:
+                return Denied("only an admin may list tokens")
             return Denied("only an admin may mint or revoke tokens")
         case AuditTarget():
             return Denied("only an admin may read the audit log")
@@ -246,7 +261,7 @@ def _team_admin_budget(
             return Denied(f"team_admin of team {team} may only act on team {team}")
         if action is Action.READ:
             return ALLOWED
-        return Denied(f"only an admin may set the budget of team {team}")
+        return Denied(f"only an admin may {_VERB[action]} the budget of team {team}")
     if kind is ScopeKind.MEMBER:
         if scope.parts[0] != team:
             return Denied(f"member scope {scope} is not in team {team}")
@@ -254,9 +269,60 @@ def _team_admin_budget(
         if team_of_key != team:
             return Denied(f"key {scope.parts[0]} is not in team {team}")
     else:
-        return Denied(f"a team_admin may not manage {kind} budgets")
+        if action is Action.READ:
+            return Denied(f"a team_admin may not read {kind} scopes, only those of its own team")
+        return Denied(f"a team_admin may not {_VERB[action]} {kind} budgets")
     if action is Action.WRITE and budget is not None:
         return within_ceiling(budget, parent_budget, team)
+    return ALLOWED
+
+
+_VERB = {Action.READ: "read", Action.WRITE: "set", Action.DELETE: "remove"}
+
+
+@dataclass(frozen=True, slots=True)
+class _KeyFacts:
+    team: str | None
+    exists: bool
+    user: str | None
+    revoked: bool
+    in_use: bool | None
+    user_is_member: bool
+
+
+def _team_admin_key_write(team: str | None, target: KeyTarget, facts: _KeyFacts) -> Decision:
+    """PUT /v1/keys/K by a team admin: new keys into T, or keys of T without escaping anything."""
+    if team is None:
+        return Denied("this team_admin token is bound to no team")
+    k, new_team, new_user = target.key_id, target.team_id, target.user_id
+    if new_team != team:
+        return Denied(f"team_admin of team {team} may only register keys into team {team}")
+    if facts.exists:
+        if facts.team != team:
+            return Denied(f"key {k} is registered outside team {team}; claiming a key in use takes an admin")
+        if facts.revoked:
+            return Denied(f"key {k} is revoked; only an admin may re-register it")
+        if new_user != facts.user:
+            return Denied(
+                f"a team_admin may not change the user of key {k} "
+                f"(registered user: {facts.user or 'none'}); ask an admin"
+            )
+        return ALLOWED
+    if facts.in_use is None:
+        return Denied(
+            f"cannot tell yet whether key {k} has recorded spend (the gate is still catching up); "
+            "retry, or ask an admin"
+        )
+    if facts.in_use:
+        return Denied(
+            f"key {k} is not new to spendgate (it has recorded spend or a budget); "
+            "claiming a key in use takes an admin"
+        )
+    if new_user is not None and not facts.user_is_member:
+        return Denied(
+            f"user {new_user} is not a member of team {team}; "
+            f"a team_admin may set a new key's user only to a member of team {team}"
+        )
     return ALLOWED
 
 

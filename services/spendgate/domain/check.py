@@ -12,6 +12,11 @@ the set binds when
 
 A request is allowed only if no scope binds. A deny is data: ``CheckResult(allowed=False, …)``.
 
+A revoked key (``DELETE /v1/keys/K``; the registry keeps it with ``revoked``) is denied whatever
+the budgets say, with one binding: ``key:K``, window ``total``, limit 0, never resetting, and
+``code`` ``key_revoked`` (budget bindings carry no ``code``), so a client that reads only
+``allowed``, ``blocked_by`` or ``retry_after_s`` keeps working.
+
 Pure and fast: no I/O, no pydantic; money is integer nano-dollars, time is epoch seconds passed
 in as ``now``.
 """
@@ -26,6 +31,7 @@ from typing import Any
 from spendgate.domain.attribution import scopes_for
 from spendgate.domain.gate_state import CompiledBudget, GateState, HeldDecision, HeldState
 from spendgate.domain.money import Nanos, format_usd
+from spendgate.domain.scopes import encode_id
 from spendgate.domain.windows import iso, window_bounds
 
 
@@ -53,18 +59,22 @@ class Binding:
     limit: Nanos
     resets_at: float | None
     resets_at_text: str | None = None
+    code: str | None = None  # ``key_revoked``; None for a budget window
 
     def to_json(self) -> dict[str, Any]:
         resets = self.resets_at_text
         if resets is None and self.resets_at is not None:
             resets = iso(int(self.resets_at))
-        return {
+        out = {
             "scope": self.scope,
             "window": self.window,
             "spend_usd": format_usd(self.spend),
             "limit_usd": format_usd(self.limit),
             "resets_at": resets,
         }
+        if self.code is not None:
+            out["code"] = self.code
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +107,9 @@ def degraded(fail_open: bool) -> CheckResult:
 
 def check(request: CheckRequest, state: GateState, now: float) -> CheckResult:
     """Judge ``request`` against the materialized ``state`` at ``now`` (epoch seconds)."""
+    registered = state.registry.keys.get(request.key_id)
+    if registered is not None and registered.revoked:
+        return revoked(request.key_id, state)
     decisions = state.decisions
     budgets = state.budgets
     states = state.states
@@ -117,6 +130,18 @@ def check(request: CheckRequest, state: GateState, now: float) -> CheckResult:
     if not found:
         return ALLOWED
     return CheckResult(False, tuple(found), retry_after(found, now))
+
+
+KEY_REVOKED = "key_revoked"
+
+
+def revoked(key_id: str, state: GateState) -> CheckResult:
+    """The answer for a revoked key: denied until an admin registers it again (no reset)."""
+    scope = f"key:{encode_id(key_id)}"
+    held = state.states.get(scope)
+    total = held.by_window.get("total") if held is not None else None
+    spend = total[2] if total is not None else 0
+    return CheckResult(False, (Binding(scope, "total", spend, 0, None, None, KEY_REVOKED),), None)
 
 
 def _over_budget(budget: CompiledBudget, state: HeldState | None, now: float, estimate: Nanos | None) -> bool:

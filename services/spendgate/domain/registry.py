@@ -18,8 +18,12 @@ from spendgate.domain.scopes import encode_id
 
 @dataclass(frozen=True, slots=True)
 class KeyInfo:
+    """A registered key. A revoked one keeps its user and team: its spend (events are facts)
+    is still charged to them, and the gate denies every check of it."""
+
     user_id: str | None = None
     team_id: str | None = None
+    revoked: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +84,8 @@ class RegistryView:
         if value is None:
             self.keys.pop(key_id, None)
         else:
-            self.keys[key_id] = KeyInfo(value.get("user_id"), value.get("team_id"))
+            revoked = bool(value.get("revoked"))
+            self.keys[key_id] = KeyInfo(value.get("user_id"), value.get("team_id"), revoked)
         return ConfigChange("key", key)
 
     def _team(self, key: str, ident: str, value: Mapping[str, Any] | None) -> ConfigChange:
