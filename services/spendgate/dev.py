@@ -8,10 +8,19 @@ Order of start (each step waits for the previous one to be usable):
 4. topics (:func:`ensure_topics`) and migrations (:func:`apply_migrations`);
 5. ``spendgate worker`` and ``spendgate api`` (same interpreter), then wait for /readyz = 200.
 
-SIGINT or SIGTERM stops the children in reverse order (api and worker, then broker and
-Postgres): SIGTERM (SIGINT for Postgres, its "fast" shutdown), SIGKILL after a grace period.
-Every child runs in its own session and dies with the supervisor even if it is SIGKILLed, so
-nothing is ever left behind. Logs: SPENDGATE_DATA_DIR/logs/{broker,postgres,worker,api}.log.
+Once ready, only SIGINT or SIGTERM stops the stack. A worker, API or Postgres that dies on its
+own is started again (logged, with a backoff of 0.5 s doubling to 10 s, back to 0.5 s once it
+has stayed up 30 s): the events the API acknowledged are on the broker, and stopping the stack
+would throw them away with the in-memory broker. A restarted worker resumes from its committed
+offsets and dedupes by ``event_id``; a restarted Postgres reuses its data directory (durable).
+The broker itself cannot be restarted without losing everything it held, so its death is
+reported loudly and stops the stack (exit code 1).
+
+Stopping goes in reverse order (api and worker, then Postgres and broker): SIGTERM (SIGINT for
+Postgres, its "fast" shutdown), SIGKILL after a grace period. Every child runs in its own
+session and dies with the supervisor even if it is SIGKILLed, so nothing is ever left behind.
+Logs: SPENDGATE_DATA_DIR/logs/{broker,postgres,worker,api}.log; the log of a crashed child is
+kept as ``<name>.log.1`` when it is restarted.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from types import FrameType
 
 import httpx
@@ -42,6 +53,10 @@ from spendgate.store.migrate import MigrationError, apply_migrations
 
 READY_TIMEOUT_S = 90.0
 CHILD_GRACE_S = 10.0
+POLL_S = 0.2
+RESTART_FIRST_S = 0.5
+RESTART_MAX_S = 10.0
+STABLE_AFTER_S = 30.0
 
 
 class DevError(RuntimeError):
@@ -65,6 +80,44 @@ def _raise_stop(signum: int, _frame: FrameType | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise _Stop(signum)
+
+
+@dataclass
+class Backoff:
+    """Delay before restarting a crashed child: doubles per crash, resets after a stable run.
+
+    A child that crashes right after every start is retried ever more slowly (never faster
+    than every ``max_s``), while one that ran ``stable_after_s`` before dying is retried fast.
+    """
+
+    first_s: float = RESTART_FIRST_S
+    max_s: float = RESTART_MAX_S
+    stable_after_s: float = STABLE_AFTER_S
+    _next_s: float | None = None
+
+    def after_exit(self, uptime_s: float) -> float:
+        """The delay before the next start of a child that exited after ``uptime_s``."""
+        if self._next_s is None or uptime_s >= self.stable_after_s:
+            self._next_s = self.first_s
+        delay = self._next_s
+        self._next_s = min(self.max_s, delay * 2)
+        return delay
+
+
+@dataclass
+class _Service:
+    """One child of the stack: its process now, how to start it again (None: it cannot be)."""
+
+    proc: ManagedProcess
+    restart: Callable[[], ManagedProcess] | None = None
+    started_at: float = field(default_factory=time.monotonic)
+    backoff: Backoff = field(default_factory=Backoff)
+    restart_at: float | None = None
+    restarts: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.proc.name
 
 
 def _child_env(settings: Settings, bootstrap: str, database_url: str, token: str) -> dict[str, str]:
@@ -110,14 +163,15 @@ def _wait_ready(url: str, children: list[ManagedProcess], timeout_s: float) -> N
 def run_dev(settings: Settings, *, keep_db: bool = False) -> int:
     """Start the stack, serve until SIGINT/SIGTERM, stop everything; return the exit code.
 
-    Returns 0 after a signal, 1 when a child dies on its own. Raises :class:`DevError` when
-    the stack cannot start (exit_code 2 for a taken port), after stopping what did start.
+    Returns 0 after a signal, 1 when the broker dies (the other children are restarted).
+    Raises :class:`DevError` when the stack cannot start (exit_code 2 for a taken port), after
+    stopping what did start.
     """
     data_dir = settings.data_dir.resolve()
     logs = data_dir / "logs"
     token = settings.admin_token.get_secret_value() if settings.admin_token else ""
     token = token or secrets.token_urlsafe(24)
-    started: list[ManagedProcess] = []
+    started: list[_Service] = []
     host = settings.api_host
     previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -134,10 +188,15 @@ def run_dev(settings: Settings, *, keep_db: bool = False) -> int:
 
         _echo(f"starting broker on 127.0.0.1:{settings.kafka_port} ...")
         broker = start_broker(settings.kafka_port, logs / "broker.log")
-        started.append(broker.process)
+        started.append(_Service(broker.process))
         _echo(f"starting postgres in {pgdata} ...")
-        pg = start_postgres(pgdata, free_port(), logs / "postgres.log")
-        started.append(pg.process)
+        pg_port = free_port()
+
+        def start_pg() -> ManagedProcess:
+            return start_postgres(pgdata, pg_port, logs / "postgres.log").process
+
+        pg = start_postgres(pgdata, pg_port, logs / "postgres.log")
+        started.append(_Service(pg.process, start_pg))
         database_url = pg.create_database("spendgate")
 
         live = settings.model_copy(
@@ -149,13 +208,14 @@ def run_dev(settings: Settings, *, keep_db: bool = False) -> int:
         env = _child_env(settings, broker.bootstrap, database_url, token)
         children = []
         for name in ("worker", "api"):
-            child = ManagedProcess.spawn(
-                name,
-                [sys.executable, "-m", "spendgate.cli", name],
-                logs / f"{name}.log",
-                env=env,
-            )
-            started.append(child)
+
+            def spawn(name: str = name) -> ManagedProcess:
+                return ManagedProcess.spawn(
+                    name, [sys.executable, "-m", "spendgate.cli", name], logs / f"{name}.log", env=env
+                )
+
+            child = spawn()
+            started.append(_Service(child, spawn))
             children.append(child)
 
         api_url = f"http://{host}:{settings.api_port}"
@@ -168,7 +228,7 @@ def run_dev(settings: Settings, *, keep_db: bool = False) -> int:
             f"  Postgres:     {database_url}\n"
             f"  admin token:  {token}\n"
             f"  logs:         {logs}\n"
-            "Ctrl-C stops everything."
+            "A crashed worker, API or Postgres is restarted; Ctrl-C stops everything."
         )
         return _serve(started)
     except _Stop:
@@ -180,20 +240,60 @@ def run_dev(settings: Settings, *, keep_db: bool = False) -> int:
         # Signals stay ignored while stopping: a second Ctrl-C must not orphan anything.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for proc in reversed(started):
-            proc.stop(CHILD_GRACE_S)
+        for service in reversed(started):
+            service.proc.stop(CHILD_GRACE_S)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _serve(started: list[ManagedProcess]) -> int:
-    """Block until a signal (raises _Stop) or until a child exits on its own (returns 1)."""
+def _serve(services: list[_Service]) -> int:
+    """Block until a signal (raises _Stop); restart crashed children; return 1 if the broker dies."""
     while True:
-        for proc in started:
-            if not proc.alive():
-                _echo(
-                    f"{proc.name} exited with code {proc.popen.returncode}; stopping the stack."
-                    f" Last lines of {proc.log_path}:\n{proc.log_tail()}"
-                )
-                return 1
-        time.sleep(0.5)
+        now = time.monotonic()
+        for service in services:
+            if service.restart_at is None and not service.proc.alive():
+                if service.restart is None:
+                    _echo(
+                        f"{service.name} exited with code {service.proc.popen.returncode}."
+                        " THE EMBEDDED BROKER KEEPS EVERYTHING IN MEMORY: every event it held is"
+                        " lost and cannot be recovered, so the stack stops now; run `spendgate dev`"
+                        f" again to start from empty topics. Last lines of {service.proc.log_path}:\n"
+                        f"{service.proc.log_tail()}"
+                    )
+                    return 1
+                _schedule_restart(service, now)
+            if service.restart_at is not None and now >= service.restart_at:
+                _restart(service)
+        time.sleep(POLL_S)
+
+
+def _schedule_restart(service: _Service, now: float) -> None:
+    proc = service.proc
+    delay = service.backoff.after_exit(now - service.started_at)
+    service.restart_at = now + delay
+    tail = proc.log_tail(20)
+    proc.stop(CHILD_GRACE_S)  # closes its log, kills stragglers of its process group
+    kept = proc.log_path.with_name(proc.log_path.name + ".1")
+    try:
+        proc.log_path.replace(kept)
+    except OSError:
+        kept = proc.log_path
+    _echo(
+        f"{service.name} exited with code {proc.popen.returncode}; restarting it in {delay:g} s"
+        f" (restart #{service.restarts + 1}). Last lines of its log (kept in {kept}):\n{tail}"
+    )
+
+
+def _restart(service: _Service) -> None:
+    assert service.restart is not None
+    service.restarts += 1
+    service.started_at = time.monotonic()
+    service.restart_at = None
+    try:
+        service.proc = service.restart()
+    except EmbeddedError as exc:
+        # Counts as a crash of a run that lasted no time: the next try waits longer.
+        _echo(f"{service.name} did not start again: {exc}")
+        service.restart_at = time.monotonic() + service.backoff.after_exit(0.0)
+        return
+    _echo(f"{service.name} restarted (pid {service.proc.pid}, restart #{service.restarts})")
