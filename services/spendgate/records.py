@@ -132,6 +132,15 @@ class Source(BaseModel):
     offset: int
 
 
+Watermarks = Annotated[
+    dict[Annotated[str, Field(pattern=r"^(0|[1-9][0-9]*)$")], Annotated[int, Field(ge=0)]],
+    Field(
+        description="usage partition (decimal string) -> last spend.usage offset applied to the scope: "
+        "readers keep the record that reflects more usage (CONTRACT §2)"
+    ),
+]
+
+
 class DecisionWindow(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -150,6 +159,7 @@ class Decision(Record):
     as_of: Timestamp
     windows: list[DecisionWindow] = Field(default_factory=list)
     source: Source | None = None
+    watermarks: Watermarks | None = None
 
 
 class StateWindow(BaseModel):
@@ -167,6 +177,7 @@ class State(Record):
     scope: str
     as_of: Timestamp
     source: Source | None = None
+    watermarks: Watermarks | None = None
     windows: list[StateWindow]
 
 

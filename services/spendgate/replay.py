@@ -57,6 +57,7 @@ from spendgate.analysis import (
     scope_matcher,
 )
 from spendgate.domain.budgets import Budget
+from spendgate.domain.gate_state import state_supersedes
 from spendgate.domain.money import format_usd
 from spendgate.domain.registry import RegistryView
 from spendgate.settings import Settings
@@ -256,12 +257,25 @@ async def read_registry(settings: Settings) -> tuple[RegistryView, int]:
 
 
 async def read_latest(settings: Settings, short: str) -> dict[str, Any]:
-    """Latest decoded value per key of a (compacted) topic, up to its end at start."""
+    """Latest decoded value per key of a (compacted) topic, up to its end at start.
+
+    For ``state``, latest as the gate sees it: a record older by provenance than the one kept
+    (a late record from a worker that lost the scope) does not replace it.
+    """
     latest: dict[str, Any] = {}
+    ordered = short == "state"
 
     def keep(key: str | None, value: Any) -> None:
-        if key is not None:
-            latest[key] = value
+        if key is None:
+            return
+        held = latest.get(key)
+        if ordered and value is not None and held is not None:
+            try:
+                if not state_supersedes(value, held):
+                    return
+            except (KeyError, TypeError, ValueError):
+                pass  # a malformed record: log order, as before the field existed
+        latest[key] = value
 
     await _read_to_end(settings, settings.topic(short), keep)
     return latest

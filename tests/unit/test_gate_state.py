@@ -6,7 +6,7 @@ import pytest
 
 from factories import config_record
 from spendgate.domain.errors import InvalidInput
-from spendgate.domain.gate_state import GateState, epoch, nanos
+from spendgate.domain.gate_state import GateState, epoch, nanos, provenance_order, state_supersedes
 from spendgate.domain.money import parse_usd
 
 
@@ -138,3 +138,89 @@ def test_a_record_missing_fields_raises_for_the_follower_to_skip() -> None:
     gs = GateState()
     with pytest.raises(KeyError):
         gs.apply_decision({"v": 1, "blocked": True})
+
+
+def _state(total: str, as_of: str, watermarks: dict[str, int] | None) -> dict:
+    return {
+        "v": 1,
+        "scope": "team:t1",
+        "as_of": as_of,
+        "watermarks": watermarks,
+        "windows": [
+            {
+                "window": "1h",
+                "start": "2026-01-01T00:00:00Z",
+                "resets_at": "2026-01-01T01:00:00Z",
+                "spend_usd": total,
+            },
+            {"window": "total", "start": None, "resets_at": None, "spend_usd": total},
+        ],
+    }
+
+
+def test_provenance_order_reads_the_watermarks_not_the_clock() -> None:
+    assert provenance_order({"0": 5, "3": 2}, {"0": 5}) == 1
+    assert provenance_order({"0": 5}, {"0": 5, "3": 2}) == -1  # misses partition 3's usage
+    assert provenance_order({"0": 4, "3": 9}, {"0": 5, "3": 2}) == -1  # behind in partition 0
+    assert provenance_order({"0": 5}, {"0": 5}) == 0
+    assert provenance_order(None, {"0": 5}) == 0 and provenance_order({"0": 5}, None) == 0
+
+
+def test_a_late_state_from_the_previous_owner_never_rolls_the_scope_back() -> None:
+    """Issue 19: a record reflecting less usage loses even with a later as_of and a $0 total."""
+    gs = GateState()
+    assert gs.apply_state(_state("7", "2026-01-01T00:00:02Z", {"0": 10, "1": 4}))
+    assert not gs.apply_state(_state("0", "2026-01-01T00:00:03Z", {}))
+    assert not gs.apply_state(_state("5", "2026-01-01T00:00:09Z", {"0": 8, "1": 4}))
+    assert gs.states["team:t1"].by_window["total"][2] == 7 * 10**9
+    assert gs.apply_state(_state("8", "2026-01-01T00:00:01Z", {"0": 10, "1": 6}))  # more usage wins
+    assert gs.states["team:t1"].by_window["total"][2] == 8 * 10**9
+
+
+def test_same_usage_later_state_wins_even_with_less_in_a_window() -> None:
+    """After a window reset the newer record shows less: ordered by as_of when provenance ties."""
+    gs = GateState()
+    assert gs.apply_state(_state("8", "2026-01-01T00:59:59Z", {"0": 10}))
+    reset = _state("8", "2026-01-01T01:00:01Z", {"0": 10})
+    reset["windows"][0].update(start="2026-01-01T01:00:00Z", resets_at="2026-01-01T02:00:00Z", spend_usd="0")
+    assert gs.apply_state(reset)
+    assert gs.states["team:t1"].by_window["1h"][2] == 0
+    assert not gs.apply_state(_state("8", "2026-01-01T00:59:59Z", {"0": 10}))
+
+
+def test_decisions_are_ordered_by_provenance_then_seq() -> None:
+    gs = GateState()
+    blocked = {
+        "v": 1,
+        "scope": "team:t1",
+        "blocked": True,
+        "seq": 100,
+        "as_of": "2026-01-01T00:00:00Z",
+        "watermarks": {"0": 10},
+        "windows": [{"window": "total", "spend_usd": "2", "limit_usd": "1", "resets_at": None}],
+    }
+    assert gs.apply_decision(blocked)
+    # the previous owner's unblock, judged on less usage, with a higher seq (clock ahead)
+    assert not gs.apply_decision({**blocked, "blocked": False, "windows": [], "seq": 200, "watermarks": {}})
+    assert not gs.apply_decision({**blocked, "blocked": False, "windows": [], "seq": 90})
+    assert gs.decisions["team:t1"].blocked is True
+    # a new owner whose clock is behind but who has seen more usage is believed
+    assert gs.apply_decision({**blocked, "seq": 50, "watermarks": {"0": 11}})
+    assert gs.decisions["team:t1"].seq == 50
+    # same usage, budget raised: a higher seq unblocks
+    assert gs.apply_decision({**blocked, "blocked": False, "windows": [], "seq": 51, "watermarks": {"0": 11}})
+    assert gs.decisions["team:t1"].blocked is False
+
+
+def test_state_supersedes_is_the_gate_rule_for_replay() -> None:
+    held = _state("7", "2026-01-01T00:00:02Z", {"0": 10})
+    assert not state_supersedes(_state("0", "2026-01-01T00:00:03Z", {}), held)
+    assert state_supersedes(_state("7", "2026-01-01T00:00:03Z", {"0": 10}), held)
+    assert state_supersedes(_state("9", "2026-01-01T00:00:01Z", {"0": 11}), held)
+    assert state_supersedes(_state("1", "2026-01-01T00:00:03Z", None), held)  # no field: by as_of
+
+
+def test_watermarks_that_are_not_offsets_are_rejected() -> None:
+    gs = GateState()
+    with pytest.raises(TypeError):
+        gs.apply_state(_state("1", "2026-01-01T00:00:02Z", {"0": "ten"}))  # type: ignore[dict-item]

@@ -102,3 +102,31 @@ def test_fast_state_json_equals_the_state_record_model() -> None:
     source = Source(partition=1, offset=7)
     model = state_record(SCOPE, status, T0 + 60.5, source).model_dump(mode="json")
     assert orjson.loads(state_json(SCOPE, status, T0 + 60.5, source)) == model
+
+
+def test_decisions_and_state_carry_the_ledger_watermarks() -> None:
+    import orjson
+
+    from spendgate.worker.publish import state_json
+
+    ledger = ScopeLedger()
+    spend(ledger, 4, 3)
+    ledger.apply(2, 9, minute_charges([(T0, USD)]))
+    out = Publisher().evaluate(SCOPE, HOURLY, ledger, T0 + 60, None, ledger.hot.watermarks)
+    assert out.decision is not None and out.status is not None
+    assert out.decision.model_dump(mode="json")["watermarks"] == {"0": 4, "2": 9}
+    wire = orjson.loads(state_json(SCOPE, out.status, T0 + 60, None, ledger.hot.watermarks))
+    assert wire["watermarks"] == {"0": 4, "2": 9}
+    assert wire == state_record(SCOPE, out.status, T0 + 60, None, ledger.hot.watermarks).model_dump(
+        mode="json"
+    )
+
+
+def test_forget_where_drops_only_the_lost_scopes() -> None:
+    publisher, ledger = Publisher(), ScopeLedger()
+    spend(ledger, 0, 9)
+    for scope in ("team:kept", "team:lost"):
+        publisher.evaluate(scope, HOURLY, ledger, T0 + 60, None)
+    publisher.forget_where(lambda scope: scope == "team:lost")
+    assert set(publisher.published) == {"team:kept"}
+    assert {mark[0] for mark in publisher.alerted} == {"team:kept"}

@@ -5,8 +5,12 @@ records (CONTRACT §2), applied in the order they arrive. Every ``apply_*`` is O
 (O(windows) for one record), idempotent, and ignores stale records:
 
 - a config record whose ``version`` is lower than the one held for its key (``RegistryView``);
-- a decision whose ``seq`` is not higher than the held one for its scope;
-- a state record whose ``as_of`` is older than the held one for its scope.
+- a decision or state record that reflects less usage than the held one for its scope (see
+  :func:`provenance_order`): a late record from a worker that has since lost the scope's
+  partition can never roll the scope back;
+- among records reflecting the same usage, a decision whose ``seq`` is not higher than the
+  held one, a state record whose ``as_of`` is older (window resets and budget changes move a
+  scope without new usage, and may legitimately lower a window's spend).
 
 Everything the check reads is pre-parsed here (money to nano-dollars, timestamps to epoch
 seconds, budgets to flat tuples) so ``domain.check.check`` does dictionary look-ups and integer
@@ -39,16 +43,21 @@ class HeldWindow(NamedTuple):
     resets_at_text: str | None  # as it came on the wire, for answers
 
 
+Watermarks = Mapping[str, int]  # usage partition (decimal text, as on the wire) -> last offset
+
+
 class HeldDecision(NamedTuple):
     seq: int
     blocked: bool
     windows: tuple[HeldWindow, ...]
+    watermarks: Watermarks | None = None
 
 
 class HeldState(NamedTuple):
     as_of: float
     windows: tuple[HeldWindow, ...]
     by_window: dict[str, tuple[float | None, float | None, Nanos]]  # window -> (start, resets_at, spend)
+    watermarks: Watermarks | None = None
 
 
 class CompiledLimit(NamedTuple):
@@ -75,6 +84,32 @@ def nanos(value: object) -> Nanos:
         ):
             return int(whole) * NANOS_PER_USD + (int(frac.ljust(9, "0")) if dot else 0)
     return parse_usd(value)
+
+
+def provenance_order(new: Watermarks | None, held: Watermarks | None) -> int:
+    """-1 when ``new`` reflects less usage than ``held``, 1 when more, 0 when the same (or unknown).
+
+    A record's ``watermarks`` are the last ``spend.usage`` offset per partition its scope's
+    ledger had applied. Every owner of a scope applies the same ordered stream of deltas to a
+    ledger recovered from the same changelog, so the watermark maps of one scope only ever
+    grow, one partition at a time: of two records, the one missing an offset the other has is
+    the older, whatever the clocks or the amounts say. Records without the field (written
+    before it existed) compare as 0, and the caller falls back to ``seq`` / ``as_of``.
+    """
+    if new is None or held is None or new == held:
+        return 0
+    for partition, offset in held.items():
+        if new.get(partition, -1) < offset:
+            return -1
+    return 1
+
+
+def state_supersedes(new: Mapping[str, Any], held: Mapping[str, Any]) -> bool:
+    """Whether a reader holding ``spend.state`` record ``held`` takes ``new`` (same scope)."""
+    order = provenance_order(new.get("watermarks"), held.get("watermarks"))
+    if order:
+        return order > 0
+    return (epoch(new["as_of"]) or 0.0) >= (epoch(held["as_of"]) or 0.0)
 
 
 def epoch(value: object) -> float | None:
@@ -114,7 +149,7 @@ class GateState:
         return change
 
     def apply_decision(self, value: Mapping[str, Any] | None, key: str | None = None) -> bool:
-        """Apply one ``spend.decisions`` record; False when it was stale (``seq`` not higher).
+        """Apply one ``spend.decisions`` record; False when it was stale (module docstring).
 
         A tombstone (``value`` None, ``key`` = scope) forgets the scope's decision.
         """
@@ -123,9 +158,12 @@ class GateState:
             return key is not None and self.decisions.pop(key, None) is not None
         scope = value["scope"]
         seq = int(value["seq"])
+        marks = _watermarks(value)
         held = self.decisions.get(scope)
-        if held is not None and seq <= held.seq:
-            return False
+        if held is not None:
+            order = provenance_order(marks, held.watermarks)
+            if order < 0 or (order == 0 and seq <= held.seq):
+                return False
         blocked = bool(value["blocked"])
         windows = (
             tuple(
@@ -142,19 +180,22 @@ class GateState:
             if blocked
             else ()
         )
-        self.decisions[scope] = HeldDecision(seq, blocked, windows)
+        self.decisions[scope] = HeldDecision(seq, blocked, windows, marks)
         return True
 
     def apply_state(self, value: Mapping[str, Any] | None, key: str | None = None) -> bool:
-        """Apply one ``spend.state`` record; False when older (``as_of``) than the held one."""
+        """Apply one ``spend.state`` record; False when older than the held one (module docstring)."""
         self.records_applied += 1
         if value is None:
             return key is not None and self.states.pop(key, None) is not None
         scope = value["scope"]
         as_of = epoch(value["as_of"]) or 0.0
+        marks = _watermarks(value)
         held = self.states.get(scope)
-        if held is not None and as_of < held.as_of:
-            return False
+        if held is not None:
+            order = provenance_order(marks, held.watermarks)
+            if order < 0 or (order == 0 and as_of < held.as_of):
+                return False
         windows = tuple(
             HeldWindow(
                 w["window"],
@@ -167,7 +208,7 @@ class GateState:
             for w in value.get("windows") or ()
         )
         self.states[scope] = HeldState(
-            as_of, windows, {w.window: (w.start, w.resets_at, w.spend) for w in windows}
+            as_of, windows, {w.window: (w.start, w.resets_at, w.spend) for w in windows}, marks
         )
         return True
 
@@ -197,6 +238,15 @@ class GateState:
         self.budgets[scope] = CompiledBudget(
             limits, budget.zone, tuple((lim.window, lim.max_nanos) for lim in limits)
         )
+
+
+def _watermarks(value: Mapping[str, Any]) -> Watermarks | None:
+    marks = value.get("watermarks")
+    if marks is None:
+        return None
+    if not isinstance(marks, dict) or not all(type(o) is int for o in marks.values()):
+        raise TypeError("watermarks must map partitions to integer offsets")
+    return marks
 
 
 def is_current(held: HeldWindow, now: float) -> bool:

@@ -78,7 +78,13 @@ class Worker:
         self.config_ready = asyncio.Event()
         self.publisher = Publisher()
         self.ledgers: dict[str, ScopeLedger] = {}
-        self.ledgers_built_for: frozenset[int] | None = None
+        #: (group generation, owned ``worker.deltas`` partitions) the ledgers were loaded for
+        self.ledgers_built_for: tuple[int | None, frozenset[int]] | None = None
+        #: clear while an aggregate batch has applied deltas its changelog acks have not covered
+        self.durable = asyncio.Event()
+        self.durable.set()
+        #: held while records are computed and handed to the producer (tick and aggregate)
+        self.publishing = asyncio.Lock()
         self.dirty: dict[str, Source | None] = {}
         self.sources: dict[str, Source] = {}  # the last usage event (or config change) per scope
         self.due: list[tuple[float, str]] = []
@@ -190,8 +196,19 @@ class Worker:
             ledger = self.ledgers[scope] = ScopeLedger(HotRecord.from_json(raw) if raw else None)
         return ledger
 
-    def _rebuild_ledgers(self, owned: set[int]) -> None:
-        """Load every owned scope's records from the (recovered) table into ledgers.
+    def _owns(self, scope: str, partitions: frozenset[int]) -> bool:
+        return partition_of(scope, self.settings.partitions) in partitions
+
+    def _rebuild_ledgers(self, owned: frozenset[int], generation: int | None) -> None:
+        """Start a group generation: reload the owned scopes' ledgers, forget the lost ones.
+
+        Runs once per generation (after its recovery), not only when the owned set changes: a
+        partition that left and came back, or one held across a session this worker lost, may
+        have been written by another owner in between, so nothing in memory from the previous
+        generation is trusted. Ledgers reload from the (recovered) table; decisions go out again
+        for every budgeted owned scope, as after a restart; dirty/due/source bookkeeping and
+        alert memory of scopes in partitions no longer owned are dropped, so nothing is ever
+        published about them (they would be judged by an empty ledger: issue 19).
 
         ``data.items()`` is every key of the memory store, or the keys of every active
         partition's RocksDB database; either way filtered by ``owned`` below.
@@ -207,23 +224,43 @@ class Worker:
         self.ledgers = {
             scope: ScopeLedger(hots.get(scope), days.get(scope))
             for scope in set(hots) | set(days)
-            if partition_of(scope, self.settings.partitions) in owned
+            if self._owns(scope, owned)
         }
         for ledger in self.ledgers.values():
             ledger.settle()  # recovered day records are durable
-        for scope in list(self.publisher.published):
-            if scope not in self.ledgers:
-                self.publisher.forget(scope)
+
+        def lost(scope: str) -> bool:
+            return not self._owns(scope, owned)
+
+        self.dirty = {scope: source for scope, source in self.dirty.items() if not lost(scope)}
+        self.sources = {scope: source for scope, source in self.sources.items() if not lost(scope)}
+        self.due = [(at, scope) for at, scope in self.due if not lost(scope)]
+        self.publisher.forget_where(lost)
+        self.publisher.published.clear()  # readers may hold another owner's decisions now
         now = time.time()
         for scope in self.registry.budgets:
-            if partition_of(scope, self.settings.partitions) in owned:
-                heapq.heappush(self.due, (now, scope))
-        self.ledgers_built_for = frozenset(owned)
+            if not lost(scope):
+                self.due.append((now, scope))
+        heapq.heapify(self.due)
+        self.ledgers_built_for = (generation, owned)
 
     def ensure_ledgers(self) -> None:
-        owned = self.owned_partitions()
-        if self.ledgers_built_for != owned:
-            self._rebuild_ledgers(owned)
+        owned = frozenset(self.owned_partitions())
+        generation = self.app.consumer_generation_id
+        if self.ledgers_built_for != (generation, owned):
+            self._rebuild_ledgers(owned, generation)
+
+    def publishable(self) -> frozenset[int]:
+        """The ``worker.deltas`` partitions whose scopes this worker may publish about now.
+
+        Owned, not rebalancing or recovering, and with ledgers loaded for this generation;
+        empty otherwise. Checked right before records are handed to the producer, in the same
+        synchronous step as computing them.
+        """
+        ready = frozenset(partitions_ready(self.app, self.deltas))
+        if not ready or self.ledgers_built_for != (self.app.consumer_generation_id, ready):
+            return frozenset()
+        return ready
 
     async def aggregate(self, events: Sequence[faust.EventT]) -> None:
         self.ensure_ledgers()
@@ -234,31 +271,37 @@ class Worker:
         exported: list[ScopeLedger] = []
         touched: dict[str, tuple[int, int]] = {}
         applied = 0
-        for event in events:
-            dirty_in = changed.setdefault(event.message.partition, {})
-            for delta in decode_bundle(event.message.value or b"[]"):
-                scope = delta.scope
-                ledger = ledgers.get(scope) or self._ledger(scope)
-                dirty = ledger.apply(delta.partition, delta.last, delta.minutes)
-                for record_id in dirty:
-                    dirty_in[scope, record_id] = ledger
-                if len(dirty) > 1 or (dirty and dirty[0] != HOT):
-                    exported.append(ledger)
-                applied += 1
-                touched[scope] = (delta.partition, delta.last)
-        writes = {
-            q: [
-                (scope, ledger.hot.to_json())
-                if record_id == HOT
-                else (day_key(scope, record_id), ledger.days[record_id].to_json())
-                for (scope, record_id), ledger in dirty_in.items()
+        self.durable.clear()  # ledgers hold changes the changelog may not have (see tick)
+        try:
+            for event in events:
+                dirty_in = changed.setdefault(event.message.partition, {})
+                for delta in decode_bundle(event.message.value or b"[]"):
+                    scope = delta.scope
+                    ledger = ledgers.get(scope) or self._ledger(scope)
+                    dirty = ledger.apply(delta.partition, delta.last, delta.minutes)
+                    for record_id in dirty:
+                        dirty_in[scope, record_id] = ledger
+                    if len(dirty) > 1 or (dirty and dirty[0] != HOT):
+                        exported.append(ledger)
+                    applied += 1
+                    touched[scope] = (delta.partition, delta.last)
+            writes = {
+                q: [
+                    (scope, ledger.hot.to_json())
+                    if record_id == HOT
+                    else (day_key(scope, record_id), ledger.days[record_id].to_json())
+                    for (scope, record_id), ledger in dirty_in.items()
+                ]
+                for q, dirty_in in changed.items()
+            }
+            futures = [
+                f
+                for q, items in writes.items()
+                for f in await write_in_partition(self.ledger_table, q, items)
             ]
-            for q, dirty_in in changed.items()
-        }
-        futures = [
-            f for q, items in writes.items() for f in await write_in_partition(self.ledger_table, q, items)
-        ]
-        await flush(self.app, futures)
+            await flush(self.app, futures)
+        finally:
+            self.durable.set()
         for ledger in exported:  # their day records are durable now
             ledger.settle()
         metrics.DELTAS.labels(stage="applied").inc(applied)
@@ -276,13 +319,18 @@ class Worker:
             source = self.sources[scope] = Source(partition=partition, offset=offset)
         return source
 
-    async def _publish(self, scopes: Iterable[tuple[str, Source | None]], now: float) -> None:
-        """Decide ``scopes`` and send what changed: one round trip for all of them."""
+    def _evaluate(
+        self, scopes: Iterable[tuple[str, Source | None]], now: float, owned: frozenset[int]
+    ) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
+        """Decide the owned ``scopes``; the decisions and alerts that must go out. No I/O."""
         decisions, alerts = [], []
         for scope, given in scopes:
+            if not self._owns(scope, owned):
+                continue
             source = given or self._source(scope)
+            ledger = self._ledger(scope)
             out = self.publisher.evaluate(
-                scope, self.registry.budget(scope), self._ledger(scope), now, source
+                scope, self.registry.budget(scope), ledger, now, source, ledger.hot.watermarks
             )
             if out.decision is not None:
                 decisions.append((scope.encode(), out.decision.model_dump_json().encode()))
@@ -291,44 +339,98 @@ class Worker:
             alerts += [(scope.encode(), alert.model_dump_json().encode()) for alert in out.alerts]
             if out.status is not None and out.status.next_change_at is not None:
                 heapq.heappush(self.due, (out.status.next_change_at + 0.05, scope))
-        await send_many(self.outputs["decisions"], decisions)
-        await send_many(self.outputs["alerts"], alerts)
+        return decisions, alerts
+
+    async def _publish(self, scopes: Sequence[tuple[str, Source | None]], now: float) -> None:
+        """Decide ``scopes`` and send what changed: one round trip for all of them.
+
+        During a rebalance nothing is decided: the scopes are due again, and the next
+        generation decides them if this worker still owns them (``_rebuild_ledgers``).
+        """
+        async with self.publishing:
+            owned = self.publishable()
+            if not owned:
+                for scope, _ in scopes:
+                    heapq.heappush(self.due, (now, scope))
+                return
+            decisions, alerts = self._evaluate(scopes, now, owned)
+            futures = await self._enqueue_keyed(self.outputs["decisions"], decisions)
+            futures += await self._enqueue_keyed(self.outputs["alerts"], alerts)
+        await flush(self.app, futures)
 
     # ---- timers ---------------------------------------------------------------------------
 
+    async def _settled(self, timeout: float = 5.0) -> bool:
+        """Wait (bounded) until no aggregate batch is between applying deltas and their acks.
+
+        Call holding ``publishing``: ``aggregate`` sets ``durable`` and then needs that lock
+        to publish, so it cannot start its next batch before the caller has computed.
+        """
+        if not self.durable.is_set():
+            try:
+                await asyncio.wait_for(self.durable.wait(), timeout)
+            except TimeoutError:
+                return False
+        return self.durable.is_set()
+
     async def tick(self) -> None:
-        """Re-decide due scopes (window resets, budget changes) and flush coalesced state."""
+        """Re-decide due scopes (window resets, budget changes) and flush coalesced state.
+
+        Every record is computed from durable ledger state (``_settled``): a state record
+        never shows spend whose changelog write a crash could still lose, so the next owner,
+        recovering from the changelog, never publishes less than this one did. Computing and
+        handing the records to the producer happen under ``publishing``, for owned partitions
+        only (``publishable``), so decisions of one scope reach the topic in ``seq`` order.
+        """
         if not self.config_ready.is_set() or not partitions_ready(self.app, self.deltas):
             return
-        self.ensure_ledgers()
-        now = time.time()
-        owned = self.ledgers_built_for or frozenset()
-        due: dict[str, None] = {}
-        while self.due and self.due[0][0] <= now:
-            _, scope = heapq.heappop(self.due)
-            if partition_of(scope, self.settings.partitions) in owned:
-                due[scope] = None
-        await self._publish(due.items(), now)
-        for scope in due:
-            self.dirty.setdefault(scope, None)
-        dirty, self.dirty = self.dirty, {}
-        records = []
-        for scope, source in dirty.items():
-            status = decide(self.registry.budget(scope), self._ledger(scope), int(now))
-            records.append((scope.encode(), state_json(scope, status, now, source or self._source(scope))))
-        await self._send_keyed(self.outputs["state"], records)
+        async with self.publishing:
+            if not await self._settled():
+                return
+            self.ensure_ledgers()
+            owned = self.publishable()
+            if not owned:
+                return
+            now = time.time()
+            due: dict[str, None] = {}
+            while self.due and self.due[0][0] <= now:
+                _, scope = heapq.heappop(self.due)
+                if self._owns(scope, owned):
+                    due[scope] = None
+            decisions, alerts = self._evaluate(due.items(), now, owned)
+            for scope in due:
+                self.dirty.setdefault(scope, None)
+            dirty, self.dirty = self.dirty, {}
+            records = []
+            for scope, source in dirty.items():
+                if not self._owns(scope, owned):
+                    continue  # its partition left: the new owner publishes it
+                ledger = self._ledger(scope)
+                status = decide(self.registry.budget(scope), ledger, int(now))
+                records.append(
+                    (
+                        scope.encode(),
+                        state_json(scope, status, now, source or self._source(scope), ledger.hot.watermarks),
+                    )
+                )
+            futures = await self._enqueue_keyed(self.outputs["decisions"], decisions)
+            futures += await self._enqueue_keyed(self.outputs["alerts"], alerts)
+            futures += await self._enqueue_keyed(self.outputs["state"], records)
+        await flush(self.app, futures)
         metrics.STATE_RECORDS.inc(len(records))
 
-    async def _send_keyed(self, topic: faust.TopicT, records: list[tuple[bytes, bytes]]) -> None:
-        """Send keyed records in per-partition batches (same partitions as the default partitioner)."""
+    async def _enqueue_keyed(
+        self, topic: faust.TopicT, records: list[tuple[bytes, bytes]]
+    ) -> list[asyncio.Future]:
+        """Hand keyed records to the producer in per-partition batches (the default
+        partitioner's partitions); returns the futures of their acks."""
         by_partition: dict[int, list[tuple[bytes | None, bytes | None]]] = {}
         for key, value in records:
             by_partition.setdefault(partition_of(key.decode(), self.settings.partitions), []).append(
                 (key, value)
             )
         name = topic.get_topic_name()
-        futures = [f for p, rs in by_partition.items() for f in await send_batches(self.app, name, p, rs)]
-        await flush(self.app, futures)
+        return [f for p, rs in by_partition.items() for f in await send_batches(self.app, name, p, rs)]
 
 
 def build(settings: Settings) -> tuple[faust.App, Worker]:

@@ -7,10 +7,14 @@
   ``unblocked`` on every blocked -> unblocked transition.
 - ``seq`` grows strictly per scope, across restarts and owners: microseconds of wall clock,
   bumped past the last one used.
+- Decisions and state records carry the scope ledger's ``watermarks`` (last ``spend.usage``
+  offset per partition): readers order a scope's records by them first, so a record from an
+  owner that knew less never replaces one from an owner that knew more (``domain.gate_state``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -51,7 +55,13 @@ class Publisher:
         return max(floor, int(now * 1_000_000))
 
     def evaluate(
-        self, scope: str, budget: Budget, spend: SpendSource, now: float, source: Source | None
+        self,
+        scope: str,
+        budget: Budget,
+        spend: SpendSource,
+        now: float,
+        source: Source | None,
+        watermarks: Mapping[int, int] | None = None,
     ) -> Outputs:
         """Decide the scope at ``now`` and return the records that must go out (maybe none)."""
         status = decide(budget, spend, int(now))
@@ -68,6 +78,7 @@ class Publisher:
                 seq=seq,
                 as_of=_ts(now),  # type: ignore[arg-type]
                 source=source,
+                watermarks=None if watermarks is None else wire_watermarks(watermarks),
                 windows=[
                     DecisionWindow(
                         window=w.window,
@@ -103,13 +114,30 @@ class Publisher:
         """Drop what was published for a scope this process no longer owns."""
         self.published.pop(scope, None)
 
+    def forget_where(self, lost: Callable[[str], bool]) -> None:
+        """Drop the decision and alert memory of every scope ``lost`` says this process lost."""
+        self.published = {scope: p for scope, p in self.published.items() if not lost(scope)}
+        self.alerted = {mark for mark in self.alerted if not lost(mark[0])}
 
-def state_record(scope: str, status: ScopeStatus, now: float, source: Source | None) -> State:
+
+def wire_watermarks(watermarks: Mapping[int, int]) -> dict[str, int]:
+    """A ledger's watermarks as records carry them (JSON object keys are strings)."""
+    return {str(p): o for p, o in watermarks.items()}
+
+
+def state_record(
+    scope: str,
+    status: ScopeStatus,
+    now: float,
+    source: Source | None,
+    watermarks: Mapping[int, int] | None = None,
+) -> State:
     """The ``spend.state`` record of a scope: every window of its budget plus ``total``."""
     return State(
         scope=scope,
         as_of=_ts(now),  # type: ignore[arg-type]
         source=source,
+        watermarks=None if watermarks is None else wire_watermarks(watermarks),
         windows=[
             StateWindow(
                 window=w.window,
@@ -127,7 +155,13 @@ def _iso(instant: int | float | None) -> str | None:
     return None if ts is None else ts.isoformat().replace("+00:00", "Z")
 
 
-def state_json(scope: str, status: ScopeStatus, now: float, source: Source | None) -> bytes:
+def state_json(
+    scope: str,
+    status: ScopeStatus,
+    now: float,
+    source: Source | None,
+    watermarks: Mapping[int, int] | None = None,
+) -> bytes:
     """``state_record(...)`` serialized without building the model: the tick emits thousands."""
     return orjson.dumps(
         {
@@ -135,6 +169,7 @@ def state_json(scope: str, status: ScopeStatus, now: float, source: Source | Non
             "scope": scope,
             "as_of": _iso(now),
             "source": None if source is None else {"partition": source.partition, "offset": source.offset},
+            "watermarks": None if watermarks is None else wire_watermarks(watermarks),
             "windows": [
                 {
                     "window": w.window,
