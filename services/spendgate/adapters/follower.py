@@ -86,6 +86,7 @@ class TopicFollower:
         self._live = False
         self._behind_since: float | None = None
         self.ready_event = asyncio.Event()
+        self._advanced = asyncio.Event()  # replaced (after being set) each time positions move
         self.last_caught_up: float | None = None
         self.ready_at: float | None = None
         self.records = 0
@@ -126,6 +127,29 @@ class TopicFollower:
     async def wait_ready(self, timeout_s: float | None = None) -> None:
         """Wait until ``ready``; raises ``TimeoutError`` after ``timeout_s``."""
         await asyncio.wait_for(self.ready_event.wait(), timeout_s)
+
+    def has_reached(self, topic: str, ends: Mapping[int, int]) -> bool:
+        """True once every record of ``topic`` below ``ends[partition]`` has been applied."""
+        positions = self._positions
+        return all(positions.get(TopicPartition(topic, p), -1) >= end for p, end in ends.items() if end > 0)
+
+    async def reach(self, topic: str, ends: Mapping[int, int], timeout_s: float) -> None:
+        """Wait until every record of ``topic`` below ``ends`` (partition -> offset) is applied.
+
+        The read-your-writes barrier: with ``ends`` taken from the broker after a write was
+        acknowledged, the callbacks have seen that write when this returns. Raises
+        ``TimeoutError`` after ``timeout_s`` (the broker away, or the follower far behind).
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            advanced = self._advanced  # taken before the test: no move can slip in between
+            if self.has_reached(topic, ends):
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"follower did not reach {topic} {dict(ends)} within {timeout_s}s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(advanced.wait(), remaining)
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -208,6 +232,8 @@ class TopicFollower:
                 if messages:
                     self._positions[tp] = messages[-1].offset + 1
             await self._observe(consumer, tps)
+            advanced, self._advanced = self._advanced, asyncio.Event()
+            advanced.set()
             switch = self._want_switch()
             if switch is not None:
                 self._live = switch

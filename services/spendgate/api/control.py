@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from spendgate.api.auth import TokenCache, principal_dependency
 from spendgate.api.errors import error_responses
+from spendgate.api.visibility import WriteVisibility
 from spendgate.domain.authority import Principal, Role
 from spendgate.domain.budgets import parse_budget
 from spendgate.domain.errors import InvalidInput
@@ -123,8 +124,27 @@ def _team_filter(team_id: str | None) -> str | None:
     return None if team_id is None else validate_id(team_id, field="team_id")
 
 
-def control_router(repo: ControlRepo, tokens: TokenCache) -> APIRouter:
-    """The control-plane routes. Also subscribes ``tokens`` to the tokens ``repo`` mints/revokes."""
+VERSION_HEADER = "Spendgate-Version"
+
+
+def control_router(
+    repo: ControlRepo, tokens: TokenCache, visibility: WriteVisibility | None = None
+) -> APIRouter:
+    """The control-plane routes. Also subscribes ``tokens`` to the tokens ``repo`` mints/revokes.
+
+    Every write answers once its change is visible (``visibility``; read-your-writes, CONTRACT
+    §4) and names the change's version in the ``Spendgate-Version`` header (and the body).
+    """
+
+    async def visible(response: Response, version: int) -> None:
+        response.headers[VERSION_HEADER] = str(version)
+        if visibility is not None:
+            await visibility.wait(version)
+
+    async def deleted(version: int) -> Response:
+        response = Response(status_code=204)
+        await visible(response, version)
+        return response
 
     def on_change(key: str, record: object) -> None:
         if key.startswith("token/") and (record is None or isinstance(record, TokenRecord)):
@@ -139,8 +159,9 @@ def control_router(repo: ControlRepo, tokens: TokenCache) -> APIRouter:
     # --- tokens ----------------------------------------------------------------------------
 
     @router.post("/tokens", status_code=201, summary="Mint a token (admin); shown once")
-    async def mint_token(body: TokenCreate, caller: Caller) -> dict[str, Any]:
+    async def mint_token(body: TokenCreate, caller: Caller, response: Response) -> dict[str, Any]:
         issued, record = await repo.mint_token(caller, body.role, body.team_id)
+        await visible(response, record.version)
         return {"token": issued.token, **(public(record) or {})}
 
     @router.get("/tokens", summary="List tokens (admin; never the token or its hash)")
@@ -149,14 +170,18 @@ def control_router(repo: ControlRepo, tokens: TokenCache) -> APIRouter:
 
     @router.delete("/tokens/{token_id}", status_code=204, summary="Revoke a token (idempotent)")
     async def revoke_token(token_id: str, caller: Caller) -> Response:
-        await repo.revoke_token(caller, validate_id(token_id, field="token_id"))
-        return Response(status_code=204)
+        record = await repo.revoke_token(caller, validate_id(token_id, field="token_id"))
+        return await deleted(record.version)
 
     # --- orgs ------------------------------------------------------------------------------
 
     @router.put("/orgs/{org_id}", summary="Create an org (idempotent)")
-    async def put_org(org_id: str, caller: Caller, body: OrgBody | None = None) -> dict[str, Any]:
-        return public(await repo.put_org(caller, validate_id(org_id, field="org_id"))) or {}
+    async def put_org(
+        org_id: str, caller: Caller, response: Response, body: OrgBody | None = None
+    ) -> dict[str, Any]:
+        record = await repo.put_org(caller, validate_id(org_id, field="org_id"))
+        await visible(response, record.version)
+        return public(record) or {}
 
     @router.get("/orgs/{org_id}")
     async def get_org(org_id: str, caller: Caller) -> dict[str, Any]:
@@ -164,8 +189,7 @@ def control_router(repo: ControlRepo, tokens: TokenCache) -> APIRouter:
 
     @router.delete("/orgs/{org_id}", status_code=204, summary="Delete an org (409 while it has teams)")
     async def delete_org(org_id: str, caller: Caller) -> Response:
-        await repo.delete_org(caller, validate_id(org_id, field="org_id"))
-        return Response(status_code=204)
+        return await deleted(await repo.delete_org(caller, validate_id(org_id, field="org_id")))
 
     @router.get("/orgs")
     async def list_orgs(caller: Caller, limit: Limit = 100, after: After = None) -> dict[str, Any]:
@@ -174,9 +198,13 @@ def control_router(repo: ControlRepo, tokens: TokenCache) -> APIRouter:
     # --- teams and members -----------------------------------------------------------------
 
     @router.put("/teams/{team_id}", summary="Create or change a team (idempotent)")
-    async def put_team(team_id: str, caller: Caller, body: TeamBody | None = None) -> dict[str, Any]:
+    async def put_team(
+        team_id: str, caller: Caller, response: Response, body: TeamBody | None = None
+    ) -> dict[str, Any]:
         org_id = body.org_id if body else None
-        return public(await repo.put_team(caller, validate_id(team_id, field="team_id"), org_id)) or {}
+        record = await repo.put_team(caller, validate_id(team_id, field="team_id"), org_id)
+        await visible(response, record.version)
+        return public(record) or {}
 
     @router.get("/teams/{team_id}")
     async def get_team(team_id: str, caller: Caller) -> dict[str, Any]:
@@ -186,8 +214,7 @@ def control_router(repo: ControlRepo, tokens: TokenCache) -> APIRouter:
         "/teams/{team_id}", status_code=204, summary="Delete a team (409 while it has keys or members)"
     )
     async def delete_team(team_id: str, caller: Caller) -> Response:
-        await repo.delete_team(caller, validate_id(team_id, field="team_id"))
-        return Response(status_code=204)
+        return await deleted(await repo.delete_team(caller, validate_id(team_id, field="team_id")))
 
     @router.get("/teams")
     async def list_teams(caller: Caller, limit: Limit = 100, after: After = None) -> dict[str, Any]:
@@ -195,11 +222,12 @@ def control_router(repo: ControlRepo, tokens: TokenCache) -> APIRouter:
 
     @router.put("/teams/{team_id}/members/{user_id}", summary="Add a member (idempotent)")
     async def put_member(
-        team_id: str, user_id: str, caller: Caller, body: MemberBody | None = None
+        team_id: str, user_id: str, caller: Caller, response: Response, body: MemberBody | None = None
     ) -> dict[str, Any]:
         record = await repo.put_member(
             caller, validate_id(team_id, field="team_id"), validate_id(user_id, field="user_id")
         )
+        await visible(response, record.version)
         return public(record) or {}
 
     @router.get("/teams/{team_id}/members/{user_id}")
@@ -211,10 +239,10 @@ def control_router(repo: ControlRepo, tokens: TokenCache) -> APIRouter:
 
     @router.delete("/teams/{team_id}/members/{user_id}", status_code=204)
     async def delete_member(team_id: str, user_id: str, caller: Caller) -> Response:
-        await repo.delete_member(
+        version = await repo.delete_member(
             caller, validate_id(team_id, field="team_id"), validate_id(user_id, field="user_id")
         )
-        return Response(status_code=204)
+        return await deleted(version)
 
     @router.get("/teams/{team_id}/members")
     async def list_members(
@@ -229,10 +257,12 @@ def control_router(repo: ControlRepo, tokens: TokenCache) -> APIRouter:
 
     @router.put("/keys/{key_id:path}", summary="Register or change a key (idempotent)")
     async def put_key(
-        request: Request, key_id: str, caller: Caller, body: KeyBody | None = None
+        request: Request, key_id: str, caller: Caller, response: Response, body: KeyBody | None = None
     ) -> dict[str, Any]:
         body = body or KeyBody()
-        return public(await repo.put_key(caller, _key_id_of(request), body.user_id, body.team_id)) or {}
+        record = await repo.put_key(caller, _key_id_of(request), body.user_id, body.team_id)
+        await visible(response, record.version)
+        return public(record) or {}
 
     @router.get("/keys/{key_id:path}")
     async def get_key(request: Request, key_id: str, caller: Caller) -> dict[str, Any]:
@@ -240,8 +270,7 @@ def control_router(repo: ControlRepo, tokens: TokenCache) -> APIRouter:
 
     @router.delete("/keys/{key_id:path}", status_code=204)
     async def delete_key(request: Request, key_id: str, caller: Caller) -> Response:
-        await repo.delete_key(caller, _key_id_of(request))
-        return Response(status_code=204)
+        return await deleted(await repo.delete_key(caller, _key_id_of(request)))
 
     @router.get("/keys", summary="List keys (all, or of one team with ?team_id=)")
     async def list_keys(
@@ -257,11 +286,13 @@ def control_router(repo: ControlRepo, tokens: TokenCache) -> APIRouter:
         request: Request,
         scope: str,
         caller: Caller,
+        response: Response,
         body: Annotated[dict[str, Any], Body(examples=[BUDGET_EXAMPLE])],
     ) -> dict[str, Any]:
         parsed_scope = _scope_of(request)
         budget = parse_budget(body)
         record = await repo.put_budget(caller, parsed_scope, budget, limits_null=body.get("limits") is None)
+        await visible(response, record.version)
         return public(record) or {}
 
     @router.get("/budgets/{scope:path}")
@@ -270,8 +301,7 @@ def control_router(repo: ControlRepo, tokens: TokenCache) -> APIRouter:
 
     @router.delete("/budgets/{scope:path}", status_code=204)
     async def delete_budget(request: Request, scope: str, caller: Caller) -> Response:
-        await repo.delete_budget(caller, _scope_of(request))
-        return Response(status_code=204)
+        return await deleted(await repo.delete_budget(caller, _scope_of(request)))
 
     @router.get("/budgets", summary="List budgets (all, or of one team's scopes with ?team_id=)")
     async def list_budgets(

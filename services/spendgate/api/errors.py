@@ -45,6 +45,25 @@ class ApiError(Exception):
         self.headers = dict(headers or {})
 
 
+class NotYetVisible(ApiError):
+    """A control-plane change is committed but the broker has not published it in time (503).
+
+    The change is durable and applies when the broker is back; repeating the same request is
+    safe (it answers 200 with the same version once the change is visible).
+    """
+
+    status, code = 503, "not_yet_visible"
+
+    def __init__(self, version: int) -> None:
+        super().__init__(
+            f"the change is committed as version {version} but not yet visible: the broker did not"
+            " acknowledge it in time; it is durable and will apply when the broker is back"
+            " (repeating the same request is safe)",
+            details={"version": version},
+            headers={"Retry-After": "1", "Spendgate-Version": str(version)},
+        )
+
+
 class BadRequest(ApiError):
     status, code = 400, "bad_request"
 

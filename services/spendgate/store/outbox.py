@@ -70,6 +70,7 @@ class OutboxRelay:
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._committed = asyncio.Event()  # replaced (after being set) after each relayed batch
         self._next_empty_check = 0.0
         self.sent = 0  # records produced and acknowledged (for metrics and tests)
         self.republished = 0  # snapshot records produced
@@ -160,7 +161,42 @@ class OutboxRelay:
                 ([r["id"] for r in rows],),  # type: ignore[call-overload]
             )
         self.sent += len(rows)
+        committed, self._committed = self._committed, asyncio.Event()
+        committed.set()
         return len(rows)
+
+    async def wait_sent(self, version: int, timeout_s: float, *, poll_s: float = 0.02) -> None:
+        """Return once outbox row ``version`` is on the topic, acknowledged by the broker.
+
+        Whichever API process holds the relay lock sends it, so this asks Postgres whether
+        the row is marked sent: again after each batch this process relays, and every
+        ``poll_s`` for the others. Raises ``TimeoutError`` after ``timeout_s``; a Postgres
+        error counts as "not yet" until then.
+        """
+        deadline = time.monotonic() + timeout_s
+        self.wake()
+        while True:
+            committed = self._committed
+            if await self._is_sent(version):
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"outbox row {version} not relayed within {timeout_s}s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(committed.wait(), min(poll_s, remaining))
+
+    async def _is_sent(self, version: int) -> bool:
+        try:
+            async with self._pool.connection(timeout=1.0) as conn:
+                cur = await conn.execute(
+                    "SELECT sent_at IS NOT NULL AS sent FROM outbox WHERE id = %s", (version,)
+                )
+                row = await cur.fetchone()
+        except Exception as exc:  # noqa: BLE001 - Postgres away: "not yet", the caller's bound applies
+            log.debug("outbox: could not read row %d: %s", version, exc)
+            return False
+        # no row: the version belongs to no outbox row (never the case for a real change)
+        return row is None or bool(row["sent"])  # type: ignore[call-overload]
 
     async def _republish(self, conn: object, producer: AIOKafkaProducer, *, only_if_empty: bool) -> None:
         if only_if_empty:

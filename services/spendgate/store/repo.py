@@ -306,7 +306,7 @@ class ControlRepo:
             raise NotFound(f"org {org_id} does not exist")
         return _org(row)
 
-    async def delete_org(self, actor: Principal, org_id: str) -> None:
+    async def delete_org(self, actor: Principal, org_id: str) -> int:
         _check(authorize(actor, Action.DELETE, OrgTarget(org_id)))
         key = org_key(org_id)
         async with self._tx() as tx:
@@ -322,7 +322,7 @@ class ControlRepo:
                     details={"teams": teams[:5]},
                 )
             await tx.conn.execute("DELETE FROM orgs WHERE org_id = %s", (org_id,))
-            await tx.emit(actor, "delete_org", key, _org(before), None)
+            return await tx.emit(actor, "delete_org", key, _org(before), None)
 
     async def list_orgs(self, actor: Principal, *, limit: int = 100, after: str | None = None) -> Page:
         _check(authorize(actor, Action.READ, CollectionTarget("orgs")))
@@ -361,7 +361,7 @@ class ControlRepo:
             raise NotFound(f"team {team_id} does not exist")
         return _team(row)
 
-    async def delete_team(self, actor: Principal, team_id: str) -> None:
+    async def delete_team(self, actor: Principal, team_id: str) -> int:
         _check(authorize(actor, Action.DELETE, TeamTarget(team_id)))
         key = team_key(team_id)
         async with self._tx() as tx:
@@ -514,7 +514,7 @@ class ControlRepo:
             raise NotFound(f"user {user_id} is not a member of team {team_id}")
         return _member(row)
 
-    async def delete_member(self, actor: Principal, team_id: str, user_id: str) -> None:
+    async def delete_member(self, actor: Principal, team_id: str, user_id: str) -> int:
         _check(authorize(actor, Action.DELETE, MemberTarget(team_id, user_id)))
         key = member_key(team_id, user_id)
         async with self._tx() as tx:
@@ -526,7 +526,7 @@ class ControlRepo:
             await tx.conn.execute(
                 "DELETE FROM members WHERE team_id = %s AND user_id = %s", (team_id, user_id)
             )
-            await tx.emit(actor, "delete_member", key, _member(before), None)
+            return await tx.emit(actor, "delete_member", key, _member(before), None)
 
     async def list_members(
         self, actor: Principal, team_id: str, *, limit: int = 100, after: str | None = None
@@ -620,7 +620,7 @@ class ControlRepo:
             raise NotFound(f"no budget is set on {scope} (no limit applies to that scope itself)")
         return _budget(row)
 
-    async def delete_budget(self, actor: Principal, scope: Scope) -> None:
+    async def delete_budget(self, actor: Principal, scope: Scope) -> int:
         key = budget_key(scope)
         async with self._tx() as tx:
             before = await tx.lock_and_get(
@@ -635,7 +635,7 @@ class ControlRepo:
             if before is None:
                 raise NotFound(f"no budget is set on {scope}")
             await tx.conn.execute("DELETE FROM budgets WHERE scope = %s", (str(scope),))
-            await tx.emit(actor, "delete_budget", key, _budget(before), None)
+            return await tx.emit(actor, "delete_budget", key, _budget(before), None)
 
     async def list_budgets(
         self, actor: Principal, *, team_id: str | None = None, limit: int = 100, after: str | None = None
@@ -786,8 +786,8 @@ class _Tx:
         config_key: str,
         before: ConfigRecordT | None,
         after: ConfigRecordT | None,
-    ) -> None:
-        """Write the audit row and the outbox row (id = the change's version) of one change."""
+    ) -> int:
+        """Write the audit row and the outbox row of one change; returns its version (the row id)."""
         version = after.version if after is not None else await self.next_version()
         value = after.model_dump_json() if after is not None else None
         await self.conn.execute(
@@ -808,6 +808,7 @@ class _Tx:
         )
         await self.conn.execute("SELECT pg_notify(%s, %s)", (OUTBOX_CHANNEL, str(version)))
         self.changes.append((config_key, after))
+        return version
 
 
 def _jsonb(value: Mapping[str, Any] | None) -> Jsonb | None:

@@ -19,7 +19,7 @@ import asyncio
 import heapq
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import lru_cache
 from typing import Any, cast
 
@@ -90,6 +90,9 @@ class Worker:
         self.due: list[tuple[float, str]] = []
         self.seen_ids = SeenIds(settings.dedupe_horizon_h * 3600)
         self.seen_generation: int | None = None
+        #: Set by ``worker.main``: returns once the registry holds every ``spend.config`` record
+        #: acknowledged before the call (read-your-writes; see ``ingest``).
+        self.config_barrier: Callable[[], Awaitable[None]] | None = None
 
         topic = settings.topic
         raw: dict[str, Any] = {
@@ -129,6 +132,14 @@ class Worker:
     # ---- stage A --------------------------------------------------------------------------
 
     async def ingest(self, events: Sequence[faust.EventT]) -> None:
+        """Stage A for one batch (module docstring). Before attributing the batch, the barrier
+        makes sure the registry holds every config change acknowledged before the batch was
+        fetched, so an event appended after a control-plane write's answer is attributed with
+        that write (CONTRACT §4, read-your-writes): the events were fetched before the barrier
+        asks the broker for the config topic's end, and that write was acknowledged before
+        the event was even produced."""
+        if self.config_barrier is not None:
+            await self.config_barrier()
         records = [
             RawRecord(e.message.partition, e.message.offset, e.message.value, e.message.key) for e in events
         ]

@@ -7,7 +7,7 @@ import gc
 import logging
 
 from spendgate.adapters.follower import TopicFollower
-from spendgate.adapters.kafka import ensure_topics
+from spendgate.adapters.kafka import HighWatermarkProbe, KafkaUnavailable, ensure_topics
 from spendgate.records import Source
 from spendgate.settings import Settings
 
@@ -37,6 +37,28 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+#: Bounds of one barrier attempt (the barrier retries until the broker answers).
+BARRIER_PROBE_S = 5.0
+BARRIER_REACH_S = 10.0
+
+
+async def config_barrier(probe: HighWatermarkProbe, follower: TopicFollower, topic: str) -> None:
+    """Return once ``follower`` applied every record of ``topic`` acknowledged before the call.
+
+    Retries (logging each failure) while the broker does not answer: attributing usage with a
+    registry that may miss an acknowledged change would charge the wrong team, and the worker
+    can't make progress without the broker anyway.
+    """
+    while True:
+        try:
+            ends = await probe.high_watermarks(topic, timeout_s=BARRIER_PROBE_S)
+            await follower.reach(topic, ends, BARRIER_REACH_S)
+            return
+        except (KafkaUnavailable, TimeoutError) as exc:
+            log.warning("config barrier: %s; retrying", exc)
+            await asyncio.sleep(0.2)
+
+
 def run(settings: Settings) -> None:
     """Start the Faust worker (blocks; Faust handles SIGINT/SIGTERM)."""
     from spendgate.worker.app import build
@@ -50,6 +72,16 @@ def run(settings: Settings) -> None:
             raise ValueError("config record without a key")
         worker.on_config(key, value, Source(partition=partition, offset=offset))  # type: ignore[arg-type]
 
+    follower = TopicFollower(
+        settings.kafka_bootstrap,
+        {settings.topic("config"): on_config},
+        catchup_wait_ms=CONFIG_WAIT_MS,
+        live_wait_ms=CONFIG_WAIT_MS,
+        client_id="spendgate-worker-config",
+    )
+    probe = HighWatermarkProbe(settings.kafka_bootstrap, client_id="spendgate-worker-watermarks")
+    worker.config_barrier = lambda: config_barrier(probe, follower, settings.topic("config"))
+
     @app.task
     async def config_feed() -> None:
         """Follow ``spend.config`` for ever; events wait until what was there at start is applied.
@@ -57,13 +89,6 @@ def run(settings: Settings) -> None:
         The follower survives broker outages and skips (logs, counts) records that are not
         valid config, so one bad record cannot stop the worker.
         """
-        follower = TopicFollower(
-            settings.kafka_bootstrap,
-            {settings.topic("config"): on_config},
-            catchup_wait_ms=CONFIG_WAIT_MS,
-            live_wait_ms=CONFIG_WAIT_MS,
-            client_id="spendgate-worker-config",
-        )
         await follower.start()
         try:
             await follower.wait_ready()
@@ -72,6 +97,7 @@ def run(settings: Settings) -> None:
             await asyncio.Event().wait()
         finally:
             await follower.stop()
+            await probe.close()
 
     tune_gc()
     run_worker(app, loglevel=settings.log_level.lower())
