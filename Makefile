@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install run test lint schemas bench clean
+.PHONY: help install litellm-venv run test lint schemas bench clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -23,10 +23,26 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP) ## Create .venv and install spendgate with its dev tools (only when needed)
 
+# A real LiteLLM proxy (pinned, deploy/litellm/requirements.txt) for the e2e test and the bench,
+# in its own venv: ~520 MB that stay out of spendgate's. spendgate goes in with --no-deps, as a
+# gateway installs it (the client and the callback need only httpx). Rebuilt when the pins change.
+LITELLM_VENV  := .venv-litellm
+LITELLM_STAMP := $(LITELLM_VENV)/.installed
+$(LITELLM_STAMP): deploy/litellm/requirements.txt
+	rm -rf $(LITELLM_VENV)
+	$(PYTHON) -m venv $(LITELLM_VENV)
+	@start=$$(date +%s); \
+	$(LITELLM_VENV)/bin/python -m pip install -q --no-deps -r deploy/litellm/requirements.txt && \
+	$(LITELLM_VENV)/bin/python -m pip install -q --no-deps -e . && \
+	echo "litellm-venv: installed in $$(( $$(date +%s) - start )) s"
+	touch $@
+
+litellm-venv: $(LITELLM_STAMP) ## The LiteLLM proxy's own venv (.venv-litellm/) for the e2e test and bench
+
 run: install ## Start the embedded stack: broker, Postgres, worker, API (Ctrl-C stops it)
 	$(BIN)/spendgate dev
 
-test: install ## Run the whole test suite (starts its own broker and Postgres)
+test: install $(LITELLM_STAMP) ## Run the whole test suite (starts its own broker, Postgres, LiteLLM proxy)
 	$(BIN)/pytest -q
 
 lint: install ## ruff + mypy
@@ -36,7 +52,7 @@ lint: install ## ruff + mypy
 schemas: install ## Regenerate the JSON Schemas in schemas/
 	$(BIN)/spendgate schemas schemas
 
-bench: install ## Benchmarks: gate, worker, enforcement delay, overshoot, cold start -> BENCHMARKS.md/.json
+bench: install $(LITELLM_STAMP) ## Benchmarks: gate, worker, enforcement delay, overshoot, cold start -> BENCHMARKS.md/.json
 	@($(BIN)/python -c 'import redis' 2>/dev/null && test -x $(BIN)/py-spy) || $(BIN)/python -m pip install -q -e '.[dev,bench]'
 	$(BIN)/python -m bench
 

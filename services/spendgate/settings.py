@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = None
     fail_mode: FailMode = FailMode.OPEN
     max_staleness_s: float = Field(default=30.0, gt=0)
+    dependency_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="a request waiting longer on Postgres or the broker answers 503 with Retry-After",
+    )
     state_interval_ms: int = Field(default=100, ge=1)
     dedupe_horizon_h: int = Field(default=24, ge=1)
     replication_factor: int = Field(default=1, ge=1, description="of the worker's changelog topics")

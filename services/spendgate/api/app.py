@@ -42,6 +42,7 @@ from spendgate.api.gate import (
     gate_router,
     health_router,
 )
+from spendgate.api.limits import RequestGuard
 from spendgate.api.metrics import GateMetrics
 from spendgate.domain.gate_state import GateState
 from spendgate.records import TokenRecord
@@ -92,14 +93,16 @@ def create_app(settings: Settings, *, follower: TopicFollower | None = None) -> 
         lambda: the_follower.invalid_records,
     )
     gate = Gate(state, the_follower, settings, metrics)
-    producer = UsageProducer(lambda: kafka.producer(settings), settings.topic("usage"))
+    producer = UsageProducer(
+        lambda: kafka.producer(settings), settings.topic("usage"), settings.dependency_timeout_s
+    )
 
     pool: AsyncConnectionPool | None = None
     repo: ControlRepo | None = None
     relay: OutboxRelay | None = None
     if settings.database_url:
         pool = unopened_pool(settings.database_url)
-        repo = ControlRepo(pool)
+        repo = ControlRepo(pool, timeout_s=settings.dependency_timeout_s)
         relay = OutboxRelay(
             pool,
             bootstrap=settings.kafka_bootstrap,
@@ -126,7 +129,7 @@ def create_app(settings: Settings, *, follower: TopicFollower | None = None) -> 
                     await task
             if relay is not None:
                 await relay.stop()
-            await producer.stop()
+            await producer.close()
             await the_follower.stop()
             if pool is not None:
                 await pool.close()
@@ -138,6 +141,7 @@ def create_app(settings: Settings, *, follower: TopicFollower | None = None) -> 
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(RequestGuard, authenticate=tokens.authenticate)  # auth and caps before bodies
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

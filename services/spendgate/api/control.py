@@ -152,7 +152,9 @@ def control_router(
 
     repo.subscribe(on_change)
     router = APIRouter(
-        prefix="/v1", tags=["control plane"], responses=error_responses(401, 403, 404, 409, 422, 503)
+        prefix="/v1",
+        tags=["control plane"],
+        responses=error_responses(400, 401, 403, 404, 409, 413, 415, 422, 503),
     )
     Caller = Annotated[Principal, Depends(principal_dependency(tokens))]
 

@@ -124,7 +124,8 @@ _WHEN = {
     403: "The token's role may not do this; the message says why",
     404: "No such entity",
     409: "Conflicts with the current state (e.g. a team that still has keys)",
-    413: "Body too large",
+    413: "Body too large (64 KiB; 5 MiB for /v1/events)",
+    415: "The body is not `Content-Type: application/json`",
     422: "Invalid value; `details` names the field",
     503: "A dependency is unavailable; retry after `Retry-After` seconds",
 }
@@ -161,19 +162,37 @@ async def _invalid_input(_: Request, exc: Exception) -> JSONResponse:
     return invalid_input_response(exc)
 
 
+_NOT_AN_OBJECT = {"model_type", "dict_type", "model_attributes_type"}
+
+
+def describe_errors(errors: Any, *, whole: str = "body") -> list[dict[str, Any]]:
+    """Pydantic errors in user terms: ``{"field", "message", "type"}``, the field dotted.
+
+    ``whole`` names the value itself when an error has no location (the body, an event). No
+    Python class names ("instance of UsageEvent") and no "Value error, " prefixes reach a client.
+    """
+    described = []
+    for err in errors:
+        kind = err.get("type")
+        message = str(err.get("msg", "invalid"))
+        if kind in _NOT_AN_OBJECT:
+            message = "must be a JSON object"
+        elif kind == "list_type":
+            message = "must be a JSON array"
+        elif kind == "extra_forbidden":
+            message = "unknown field"
+        message = message.removeprefix("Value error, ")
+        field = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or whole
+        described.append({"field": field, "message": message, "type": kind})
+    return described
+
+
 async def _validation(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     if any(err.get("type") == "json_invalid" for err in exc.errors()):
         # A body that is not JSON at all is a malformed request (400), not an invalid value (422).
-        return error_response(400, "bad_request", "body is not valid JSON", {"field": "body"})
-    errors = [
-        {
-            "field": ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body",
-            "message": err.get("msg", "invalid"),
-            "type": err.get("type"),
-        }
-        for err in exc.errors()
-    ]
+        return error_response(400, "bad_request", "body: not valid JSON", {"field": "body"})
+    errors = describe_errors(exc.errors())
     first = errors[0] if errors else {"field": "body", "message": "invalid request"}
     return error_response(422, "invalid", f"{first['field']}: {first['message']}", errors)
 

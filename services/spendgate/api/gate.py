@@ -37,9 +37,11 @@ from spendgate.api.errors import (
     BadRequest,
     Forbidden,
     Unprocessable,
+    describe_errors,
     error_responses,
     response_for,
 )
+from spendgate.api.limits import CONTROL_BODY_LIMIT, EVENTS_BODY_LIMIT, RequestGuard
 from spendgate.api.metrics import GateMetrics
 from spendgate.domain.authority import Action, BudgetTarget, Denied, GateTarget, Principal, Role, authorize
 from spendgate.domain.check import CheckRequest, CheckResult, check, degraded, scope_bindings
@@ -54,8 +56,7 @@ from spendgate.settings import FailMode, Settings
 log = logging.getLogger(__name__)
 
 MAX_EVENTS = 1000
-MAX_BODY_BYTES = 5 * 1024 * 1024
-EVENTS_ACK_TIMEOUT_S = 15.0
+EVENTS_ACK_TIMEOUT_S = 5.0
 
 
 class PayloadTooLarge(ApiError):
@@ -165,8 +166,12 @@ class Gate:
 class UsageProducer:
     """Produces usage events to ``{prefix}usage`` (acks=all); starts lazily, reconnects after errors.
 
-    Raises ``BrokerUnavailable`` when the broker does not acknowledge in time; aiokafka exceptions
-    do not escape.
+    Raises ``BrokerUnavailable`` when the broker does not acknowledge within ``timeout_s``
+    (``SPENDGATE_DEPENDENCY_TIMEOUT_S``); aiokafka exceptions do not escape. The bound covers
+    everything a request waits for: the start lock, the producer's start and metadata, the
+    acknowledgements. Why the work runs in a task of its own: cancelling aiokafka against a
+    frozen broker (and stopping the producer) can itself take its request timeout (40 s), so a
+    timed-out send is abandoned to finish or fail in the background while the request answers.
     """
 
     def __init__(
@@ -177,6 +182,7 @@ class UsageProducer:
         self._timeout_s = timeout_s
         self._producer: AIOKafkaProducer | None = None
         self._lock = asyncio.Lock()
+        self._abandoned: set[asyncio.Task[None]] = set()
 
     async def _get(self) -> AIOKafkaProducer:
         async with self._lock:
@@ -193,12 +199,39 @@ class UsageProducer:
 
     async def send_all(self, records: list[tuple[bytes, bytes]]) -> None:
         """Send ``(key, value)`` records and wait until the broker acknowledged every one."""
+        task = asyncio.create_task(self._send_all(records), name="usage-send")
         try:
-            await asyncio.wait_for(self._send_all(records), self._timeout_s)
-        except (KafkaError, TimeoutError, OSError) as exc:
-            log.warning("events: broker did not acknowledge %d records: %r", len(records), exc)
-            await self.stop()
-            raise BrokerUnavailable() from None
+            done, _ = await asyncio.wait({task}, timeout=self._timeout_s)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if task in done and task.exception() is None:
+            return
+        if task in done:
+            exc: BaseException | None = task.exception()
+        else:
+            exc = TimeoutError(f"no acknowledgement within {self._timeout_s:g}s")
+            self._abandon(task)
+        if not isinstance(exc, KafkaError | TimeoutError | OSError):
+            raise exc  # type: ignore[misc]  # a bug, not an outage: the 500 handler logs it
+        log.warning("events: broker did not acknowledge %d records: %r", len(records), exc)
+        producer, self._producer = self._producer, None  # the next request starts a fresh one
+        if producer is not None:
+            self._abandon(
+                asyncio.create_task(_stop_quietly(producer), name="usage-producer-stop"), cancel=False
+            )
+        raise BrokerUnavailable(
+            f"the broker did not acknowledge the events within {self._timeout_s:g}s; retry the"
+            " batch with the same event ids (an event may already be counted, never twice)"
+        ) from None
+
+    def _abandon(self, task: asyncio.Task[None], *, cancel: bool = True) -> None:
+        """Let ``task`` end in the background, keeping a reference until it does."""
+        if cancel:
+            task.cancel()
+        self._abandoned.add(task)
+        task.add_done_callback(self._abandoned.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no warning
 
     async def _send_all(self, records: list[tuple[bytes, bytes]]) -> None:
         producer = await self._get()
@@ -208,8 +241,17 @@ class UsageProducer:
     async def stop(self) -> None:
         producer, self._producer = self._producer, None
         if producer is not None:
-            with contextlib.suppress(Exception):
-                await producer.stop()
+            await _stop_quietly(producer)
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """At shutdown: stop the producer and the abandoned sends, waiting at most ``timeout_s``."""
+        pending = {*self._abandoned, asyncio.create_task(self.stop())}
+        await asyncio.wait(pending, timeout=timeout_s)
+
+
+async def _stop_quietly(producer: AIOKafkaProducer) -> None:
+    with contextlib.suppress(Exception):
+        await producer.stop()
 
 
 class CheckBody(BaseModel):
@@ -256,22 +298,18 @@ def _scope_from_path(request: Request) -> Scope:
 async def _read_capped(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"body larger than {limit} bytes")
+        raise PayloadTooLarge(f"body: larger than {limit} bytes", details={"field": "body"})
     chunks = bytearray()
     async for chunk in request.stream():
         chunks.extend(chunk)
         if len(chunks) > limit:
-            raise PayloadTooLarge(f"body larger than {limit} bytes")
+            raise PayloadTooLarge(f"body: larger than {limit} bytes", details={"field": "body"})
     return bytes(chunks)
 
 
 def _errors_of(exc: ValidationError) -> list[dict[str, str]]:
     return [
-        {
-            "field": ".".join(str(p) for p in err.get("loc", ())) or "event",
-            "message": err.get("msg", "invalid"),
-        }
-        for err in exc.errors()
+        {"field": e["field"], "message": e["message"]} for e in describe_errors(exc.errors(), whole="event")
     ]
 
 
@@ -325,7 +363,7 @@ def check_handler(gate: Gate, tokens: TokenCache) -> Callable[[Request], Awaitab
 
     async def post_check(request: Request) -> Response:
         await check_caller(request)
-        raw = await request.body()
+        raw = await _read_capped(request, CONTROL_BODY_LIMIT)  # the RequestGuard capped it already
         try:
             body = CheckBody.model_validate_json(raw)
         except ValidationError as exc:
@@ -342,17 +380,23 @@ def with_check_fast_path(app: ASGIApp, handler: Callable[[Request], Awaitable[Re
     """Answer ``POST /v1/check`` with ``handler`` directly; everything else goes to ``app``.
 
     Why: at 2,000 checks/s on one core most of a check's time was Starlette/FastAPI routing and
-    middleware, not the check. Same handler, same auth, same error envelope (``response_for``).
+    middleware, not the check. Same guard (auth before the body, caps, content type), same
+    handler, same error envelope (``response_for``).
     """
+
+    async def check(scope: AsgiScope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        try:
+            response = await handler(request)
+        except Exception as exc:  # noqa: BLE001 - mapped to the envelope like the app does
+            response = await response_for(request, exc)
+        await response(scope, receive, send)
+
+    guarded = RequestGuard(check, app.state.tokens.authenticate)  # type: ignore[attr-defined]
 
     async def asgi(scope: AsgiScope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == "/v1/check" and scope["method"] == "POST":
-            request = Request(scope, receive)
-            try:
-                response = await handler(request)
-            except Exception as exc:  # noqa: BLE001 - mapped to the envelope like the app does
-                response = await response_for(request, exc)
-            await response(scope, receive, send)
+            await guarded(scope, receive, send)
             return
         await app(scope, receive, send)
 
@@ -366,7 +410,7 @@ def gate_router(
     post_check: Callable[[Request], Awaitable[Response]],
 ) -> APIRouter:
     """The gate routes under ``/v1`` (check, authorize, events, spend)."""
-    router = APIRouter(prefix="/v1", tags=["gate"], responses=error_responses(401, 403, 422))
+    router = APIRouter(prefix="/v1", tags=["gate"], responses=error_responses(400, 401, 403, 413, 415, 422))
     Checker = Annotated[Principal, Depends(gate_dependency(tokens, Action.CHECK))]
     Ingester = Annotated[Principal, Depends(gate_dependency(tokens, Action.INGEST))]
     Caller = Annotated[Principal, Depends(principal_dependency(tokens))]
@@ -414,21 +458,23 @@ def gate_router(
         response_model=EventsResult,
         responses={
             207: {"model": EventsResult, "description": "Some events were invalid (see `results`)"},
-            **error_responses(400, 413, 503),
+            **error_responses(503),
         },
     )
     async def post_events(request: Request, _: Ingester) -> JSONResponse:
-        raw = await _read_capped(request, MAX_BODY_BYTES)
+        raw = await _read_capped(request, EVENTS_BODY_LIMIT)  # the RequestGuard capped it already
         try:
             items = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            raise BadRequest("body is not valid JSON") from None
+            raise BadRequest("body: not valid JSON", details={"field": "body"}) from None
         if not isinstance(items, list):
-            raise Unprocessable("body must be a JSON array of usage events", details={"field": "body"})
+            raise Unprocessable("body: must be a JSON array of usage events", details={"field": "body"})
         if len(items) > MAX_EVENTS:
-            raise PayloadTooLarge(f"at most {MAX_EVENTS} events per request, got {len(items)}")
+            raise PayloadTooLarge(
+                f"body: at most {MAX_EVENTS} events per request, got {len(items)}", details={"field": "body"}
+            )
         if not items:
-            raise Unprocessable("the array holds no events", details={"field": "body"})
+            raise Unprocessable("body: the array holds no events", details={"field": "body"})
         results: list[dict[str, Any]] = []
         valid: list[tuple[bytes, bytes]] = []
         for index, item in enumerate(items):
@@ -443,7 +489,7 @@ def gate_router(
         if rejected:
             metrics.events_rejected.inc(rejected)
         if not valid:
-            raise Unprocessable("no event is valid", code="invalid", details={"results": results})
+            raise Unprocessable("body: no event is valid (see details.results)", details={"results": results})
         await producer.send_all(valid)
         metrics.events_ingested.inc(len(valid))
         body = {"accepted": len(valid), "rejected": rejected, "results": results}

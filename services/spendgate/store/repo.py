@@ -19,8 +19,11 @@ the driver ``StoreError`` (500).
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -197,6 +200,9 @@ def _page(items: list[dict[str, Any]], rows: Sequence[Row], limit: int, cursor: 
     return Page(items[:limit], str(rows[limit - 1][cursor]) if more else None)
 
 
+DEFAULT_TIMEOUT_S = 5.0
+
+
 def unopened_pool(database_url: str, *, max_size: int = 10, timeout_s: float = 5.0) -> AsyncConnectionPool:
     """The pool, built without I/O (the app mounts its routes before the lifespan opens it)."""
     return AsyncConnectionPool(
@@ -248,8 +254,9 @@ async def guard() -> AsyncIterator[None]:
 class ControlRepo:
     """The control plane's repository and service layer (the routes are parse + call + render)."""
 
-    def __init__(self, pool: AsyncConnectionPool) -> None:
+    def __init__(self, pool: AsyncConnectionPool, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self._pool = pool
+        self.timeout_s = timeout_s  # every public method answers within it (see ``_bounded``)
         self._listeners: list[ChangeListener] = []
 
     @property
@@ -760,6 +767,46 @@ class ControlRepo:
         async with self._read() as conn:
             cur = await conn.execute(sql, params)  # type: ignore[arg-type]
             return await cur.fetchall()
+
+
+def _bounded(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Make a ``ControlRepo`` method answer within ``self.timeout_s`` (else ``DatabaseUnavailable``).
+
+    Why a task of its own: a frozen Postgres (SIGSTOP) keeps its sockets open, so no driver or
+    pool timeout fires, and cancelling psycopg mid-query waits for the server's answer to the
+    cancel (up to 10 s) before closing the connection. The request answers 503 at the bound; the
+    abandoned call is cancelled and finishes in the background. A transaction is atomic, so a
+    write answered 503 was either applied whole (if its COMMIT had already reached the server)
+    or not at all; every write is idempotent, so the client just repeats it.
+    """
+
+    @functools.wraps(method)
+    async def run(self: ControlRepo, *args: Any, **kwargs: Any) -> T:
+        task = asyncio.ensure_future(method(self, *args, **kwargs))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.timeout_s)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if task in done:
+            return task.result()
+        task.cancel()
+        _abandoned.add(task)
+        task.add_done_callback(_abandoned.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no warning
+        log.warning("postgres did not answer %s within %.1fs", method.__name__, self.timeout_s)
+        raise DatabaseUnavailable(
+            f"the control-plane database did not answer within {self.timeout_s:g}s; retry later"
+            " (the change was applied whole or not at all; repeating it is safe)"
+        )
+
+    return run
+
+
+_abandoned: set[asyncio.Future[Any]] = set()
+for _name, _method in list(vars(ControlRepo).items()):
+    if not _name.startswith("_") and inspect.iscoroutinefunction(_method):
+        setattr(ControlRepo, _name, _bounded(_method))
 
 
 class _Tx:
