@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     BeforeValidator,
@@ -24,6 +25,7 @@ from pydantic import (
 
 from spendgate.domain.errors import InvalidInput
 from spendgate.domain.money import format_usd, parse_cost, parse_usd
+from spendgate.domain.scopes import validate_id
 
 _MONEY_SCHEMA = {
     "type": "string",
@@ -66,7 +68,15 @@ Usd = Annotated[
 Validation reads dollars (a decimal string, or a JSON number), so Python code building a
 record passes ``format_usd(nanos)``, never a bare int of nano-dollars."""
 
-Id = Annotated[str, Field(min_length=1, max_length=256)]
+def _id(value: str) -> str:
+    try:
+        return validate_id(value)
+    except InvalidInput as exc:
+        raise ValueError(exc.reason) from None
+
+
+Id = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_id)]
+"""An id: the one rule of ``domain.scopes.validate_id`` (no control characters, valid Unicode)."""
 Timestamp = Annotated[datetime, PlainSerializer(lambda d: d.isoformat().replace("+00:00", "Z"))]
 
 

@@ -78,7 +78,8 @@ def principal_dependency(cache: TokenCache) -> Callable[[Request], Awaitable[Pri
     """A FastAPI dependency: the caller's ``Principal``, or 401 in the error envelope."""
 
     async def principal(request: Request) -> Principal:
-        found = cache.authenticate(bearer_of(request))
+        # The RequestGuard authenticated the caller before the body was read; reuse its answer.
+        found = request.scope.get("state", {}).get("principal") or cache.authenticate(bearer_of(request))
         if found is None:
             raise Unauthorized()
         return found

@@ -84,9 +84,11 @@ def parse_budget(raw: object) -> Budget:
     unknown = set(raw) - {"limits", "tz"}
     if unknown:
         raise InvalidInput(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}", field="body")
-    tz = raw.get("tz") or "UTC"
-    if not isinstance(tz, str):  # zone() is lru-cached: an unhashable name would raise TypeError
-        raise InvalidInput("must be an IANA time zone name", field="tz")
+    tz = raw.get("tz")
+    if tz is None:  # absent or null: UTC. An empty name is a mistake, not a request for UTC.
+        tz = "UTC"
+    if not isinstance(tz, str) or not tz:  # zone() is lru-cached: an unhashable name would raise
+        raise InvalidInput("must be an IANA time zone name such as 'UTC' or 'Europe/Paris'", field="tz")
     zone(tz)
     limits_raw = raw.get("limits")
     if limits_raw is None:

@@ -6,6 +6,7 @@ characters kept) so ``model:openai%2Fgpt-4o`` is one model id, never two parts.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 from urllib.parse import quote, unquote
@@ -35,15 +36,24 @@ def encode_id(part: str) -> str:
     return quote(part, safe="")
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def validate_id(part: str, *, field: str = "id") -> str:
-    """An id part: 1..256 characters, no control characters."""
+    """An id part: 1..256 characters, no control characters, valid Unicode.
+
+    The one rule for every id: keys, users, teams, orgs, members, tokens, models, tags, end users,
+    in paths, bodies and usage events alike (CONTRACT §1). Paths are decoded strictly before
+    this (``api.limits``): invalid UTF-8 is refused there, never replaced by U+FFFD.
+    """
     if not isinstance(part, str) or not part:
         raise InvalidInput("must be a non-empty string", field=field)
     if len(part) > MAX_ID_LENGTH:
         raise InvalidInput(f"at most {MAX_ID_LENGTH} characters", field=field)
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in part):
+    if _CONTROL.search(part):
         raise InvalidInput("must not contain control characters", field=field)
-    if any(0xD800 <= ord(c) <= 0xDFFF for c in part):  # unencodable: Postgres and Kafka take UTF-8
+    if _SURROGATE.search(part):  # unencodable: Postgres and Kafka take UTF-8
         raise InvalidInput("must be valid Unicode (no lone surrogates)", field=field)
     return part
 
