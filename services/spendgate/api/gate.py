@@ -48,7 +48,7 @@ from spendgate.domain.check import CheckRequest, CheckResult, check, degraded, s
 from spendgate.domain.errors import InvalidInput
 from spendgate.domain.gate_state import GateState, is_current
 from spendgate.domain.money import format_usd, parse_cost
-from spendgate.domain.scopes import Scope, ScopeKind
+from spendgate.domain.scopes import Scope, ScopeKind, encode_id
 from spendgate.domain.windows import iso, window_bounds
 from spendgate.records import CostUsd, Id, UsageEvent
 from spendgate.settings import FailMode, Settings
@@ -138,6 +138,14 @@ class Gate:
     def lag_ms(self) -> int:
         lag = self.follower.state_lag_ms()
         return int((time.monotonic() - self._started) * 1000) if lag is None else lag
+
+    def key_activity(self, key_id: str) -> bool | None:
+        """Whether key K has recorded spend (a state or decision record of ``key:K``), as far as
+        this gate knows; ``None`` before it caught up. A fact for authority (claiming keys)."""
+        if not self.follower.ready:
+            return None
+        scope = f"key:{encode_id(key_id)}"
+        return scope in self.state.states or scope in self.state.decisions
 
     def judge(self, request: CheckRequest) -> tuple[CheckResult, int]:
         """The answer to ``request`` and the state lag it was based on (ms)."""
@@ -346,6 +354,9 @@ def spend_view(scope: str, state: GateState, now: float) -> dict[str, Any]:
     if "total" not in seen:
         add("total", 0, None, None, None)
     blocked = bool(scope_bindings(scope, state.decisions.get(scope), budget, held, now))
+    if not blocked and scope.startswith("key:"):
+        key = state.registry.keys.get(unquote(scope[4:]))
+        blocked = key is not None and key.revoked  # every check of a revoked key is denied
     return {"scope": scope, "blocked": blocked, "windows": windows}
 
 

@@ -128,7 +128,11 @@ def _team(row: Row) -> TeamRecord:
 
 def _key(row: Row) -> KeyRecord:
     return KeyRecord(
-        version=row["version"], key_id=row["key_id"], user_id=row["user_id"], team_id=row["team_id"]
+        version=row["version"],
+        key_id=row["key_id"],
+        user_id=row["user_id"],
+        team_id=row["team_id"],
+        revoked=bool(row.get("revoked")),
     )
 
 
@@ -251,13 +255,30 @@ async def guard() -> AsyncIterator[None]:
         raise StoreError(f"database error: {type(exc).__name__}") from None
 
 
-class ControlRepo:
-    """The control plane's repository and service layer (the routes are parse + call + render)."""
+KeyActivity = Callable[[str], bool | None]
+"""Whether key K has recorded spend as this API's gate knows it (``None``: not caught up yet)."""
 
-    def __init__(self, pool: AsyncConnectionPool, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+
+class ControlRepo:
+    """The control plane's repository and service layer (the routes are parse + call + render).
+
+    ``key_activity`` is the gate's knowledge of spend per key (the API process passes it), one of
+    the facts authority needs to let a team admin register a key (CONTRACT §4: only a key new to
+    spendgate, or one of its team). Without it (a control plane with no gate, in tests) only
+    budgets on the key count as use.
+    """
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        *,
+        key_activity: KeyActivity | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
         self._pool = pool
         self.timeout_s = timeout_s  # every public method answers within it (see ``_bounded``)
         self._listeners: list[ChangeListener] = []
+        self._key_activity = key_activity
 
     @property
     def pool(self) -> AsyncConnectionPool:
@@ -376,7 +397,9 @@ class ControlRepo:
             if before is None:
                 raise NotFound(f"team {team_id} does not exist")
             keys = await _column(
-                tx.conn, "SELECT key_id FROM keys WHERE team_id = %s ORDER BY key_id LIMIT 6", team_id
+                tx.conn,
+                "SELECT key_id FROM keys WHERE team_id = %s AND NOT revoked ORDER BY key_id LIMIT 6",
+                team_id,
             )
             if keys:
                 raise Conflict(
@@ -391,8 +414,32 @@ class ControlRepo:
                     f"team {team_id} still has members ({_names(users)}); remove them first",
                     details={"members": users[:5]},
                 )
+            await self._revoke_team_tokens(tx, actor, team_id)
             await tx.conn.execute("DELETE FROM teams WHERE team_id = %s", (team_id,))
-            await tx.emit(actor, "delete_team", key, _team(before), None)
+            return await tx.emit(actor, "delete_team", key, _team(before), None)
+
+    async def _revoke_team_tokens(self, tx: _Tx, actor: Principal, team_id: str) -> None:
+        """Revoke every team_admin token of a team being deleted (one audit row each), so none
+        comes back to life if a team of the same id is created again."""
+        ids = await _column(
+            tx.conn,
+            "SELECT token_id FROM tokens WHERE team_id = %s AND NOT revoked ORDER BY token_id",
+            team_id,
+        )
+        for token_id in ids:
+            key = token_key(token_id)
+            before = await tx.lock_and_get(
+                key, "SELECT * FROM tokens WHERE token_id = %s FOR UPDATE", token_id
+            )
+            if before is None or before["revoked"]:
+                continue
+            version = await tx.next_version()
+            await tx.conn.execute(
+                "UPDATE tokens SET revoked = true, revoked_at = now(), version = %s WHERE token_id = %s",
+                (version, token_id),
+            )
+            after = _token({**before, "revoked": True, "version": version})
+            await tx.emit(actor, "revoke_token", key, _token(before), after)
 
     async def list_teams(self, actor: Principal, *, limit: int = 100, after: str | None = None) -> Page:
         _check(authorize(actor, Action.READ, CollectionTarget("teams")))
@@ -406,16 +453,22 @@ class ControlRepo:
     async def put_key(
         self, actor: Principal, key_id: str, user_id: str | None, team_id: str | None
     ) -> KeyRecord:
+        """Register, change or (admin only) re-register a revoked key."""
         key = key_key(key_id)
         async with self._tx() as tx:
             before = await tx.lock_and_get(key, "SELECT * FROM keys WHERE key_id = %s FOR UPDATE", key_id)
+            in_use, is_member = await self._claim_facts(tx.conn, actor, key_id, before, team_id, user_id)
             _check(
                 authorize(
                     actor,
                     Action.WRITE,
-                    KeyTarget(key_id, team_id),
+                    KeyTarget(key_id, team_id, user_id),
                     team_of_key=before["team_id"] if before else None,
                     key_exists=before is not None,
+                    key_user=before["user_id"] if before else None,
+                    key_revoked=bool(before and before["revoked"]),
+                    key_in_use=in_use,
+                    user_is_member=is_member,
                 )
             )
             if (
@@ -424,14 +477,19 @@ class ControlRepo:
                 is None
             ):
                 raise Unprocessable(f"team_id: team {team_id} does not exist", details={"field": "team_id"})
-            if before is not None and (before["user_id"], before["team_id"]) == (user_id, team_id):
+            if before is not None and (before["user_id"], before["team_id"], before["revoked"]) == (
+                user_id,
+                team_id,
+                False,
+            ):
                 return _key(before)
             version = await tx.next_version()
             record = KeyRecord(version=version, key_id=key_id, user_id=user_id, team_id=team_id)
             await tx.conn.execute(
                 "INSERT INTO keys (key_id, user_id, team_id, version) VALUES (%s, %s, %s, %s)"
                 " ON CONFLICT (key_id) DO UPDATE SET user_id = EXCLUDED.user_id,"
-                " team_id = EXCLUDED.team_id, version = EXCLUDED.version, updated_at = now()",
+                " team_id = EXCLUDED.team_id, version = EXCLUDED.version, updated_at = now(),"
+                " revoked = false, revoked_at = NULL",
                 (key_id, user_id, team_id, version),
             )
             await tx.emit(actor, "put_key", key, _key(before) if before else None, record)
@@ -453,7 +511,8 @@ class ControlRepo:
             raise NotFound(f"key {key_id} does not exist")
         return _key(row)
 
-    async def delete_key(self, actor: Principal, key_id: str) -> None:
+    async def delete_key(self, actor: Principal, key_id: str) -> int:
+        """Revoke the key (CONTRACT §4): the row stays, with its team and user; idempotent."""
         key = key_key(key_id)
         async with self._tx() as tx:
             before = await tx.lock_and_get(key, "SELECT * FROM keys WHERE key_id = %s FOR UPDATE", key_id)
@@ -468,8 +527,55 @@ class ControlRepo:
             )
             if before is None:
                 raise NotFound(f"key {key_id} does not exist")
-            await tx.conn.execute("DELETE FROM keys WHERE key_id = %s", (key_id,))
-            await tx.emit(actor, "delete_key", key, _key(before), None)
+            if before["revoked"]:
+                return int(before["version"])
+            version = await tx.next_version()
+            record = _key({**before, "revoked": True, "version": version})
+            await tx.conn.execute(
+                "UPDATE keys SET revoked = true, revoked_at = now(), version = %s, updated_at = now()"
+                " WHERE key_id = %s",
+                (version, key_id),
+            )
+            return await tx.emit(actor, "revoke_key", key, _key(before), record)
+
+    async def _claim_facts(
+        self,
+        conn: AsyncConnection[Row],
+        actor: Principal,
+        key_id: str,
+        before: Row | None,
+        team_id: str | None,
+        user_id: str | None,
+    ) -> tuple[bool | None, bool]:
+        """(is the unregistered key in use, is ``user_id`` a member of ``team_id``) for a team admin.
+
+        In use: the gate has recorded spend for it, or a budget is set on ``key:K`` or
+        ``key_model:K/…``. Only asked for a team admin registering a new key (admins need no facts).
+        """
+        if actor.role is not Role.TEAM_ADMIN or before is not None:
+            return False, False
+        in_use: bool | None = self._key_activity(key_id) if self._key_activity else False
+        if in_use is False:
+            in_use = (
+                await _one(
+                    conn,
+                    "SELECT 1 AS x FROM budgets WHERE kind IN ('key', 'key_model') AND part1 = %s LIMIT 1",
+                    key_id,
+                )
+                is not None
+            )
+        is_member = (
+            user_id is not None
+            and team_id is not None
+            and await _one(
+                conn,
+                "SELECT 1 AS x FROM members WHERE team_id = %s AND user_id = %s FOR SHARE",
+                team_id,
+                user_id,
+            )
+            is not None
+        )
+        return in_use, is_member
 
     async def list_keys(
         self, actor: Principal, *, team_id: str | None = None, limit: int = 100, after: str | None = None
