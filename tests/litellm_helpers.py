@@ -81,7 +81,7 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
             return
         ident = "chatcmpl-" + uuid.uuid4().hex
         if request.get("stream"):
-            chunks = [
+            chunks: list[dict[str, Any]] = [
                 {
                     "choices": [
                         {"index": 0, "delta": {"role": "assistant", "content": "h"}, "finish_reason": None}

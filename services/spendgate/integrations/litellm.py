@@ -283,8 +283,8 @@ class SpendgateLiteLLM(CustomLogger):
             cost = slo.get("response_cost")
         params = kwargs.get("litellm_params") or {}
         stash = self._verified(params)
-        if failed and (not cost or stash is None):
-            return None  # refused by the hook (or before it): nothing was spent
+        if failed and not cost:
+            return None  # refused by the hook (or before it), or failed for free: nothing was spent
         if cost is None:
             log.warning("spendgate: call %s has no response_cost; charged 0", kwargs.get("litellm_call_id"))
             cost = 0
