@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -273,3 +274,17 @@ async def test_gate_down_fails_open_and_buffered_usage_arrives_after_restart(wor
     await asyncio.sleep(1.0)  # the reporter is retrying against a closed port meanwhile
     await world.restart_api()
     await world.settles_at("end_user:outage", 3 * COST, timeout=60)  # none lost, none doubled
+
+
+def test_the_proxy_environment_runs_spendgate_without_its_server_stack() -> None:
+    """The install path a gateway uses: ``pip install --no-deps spendgate`` beside litellm."""
+    if not LITELLM_BIN.exists():
+        pytest.skip("no .venv-litellm: `make litellm-venv`")
+    code = (
+        "import importlib.util, spendgate.client\n"
+        "names = ('faust', 'aiokafka', 'psycopg', 'spendgate.client')\n"
+        "print([m for m in names if importlib.util.find_spec(m)])\n"
+    )
+    python = LITELLM_BIN.parent / "python"
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "['spendgate.client']"
