@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from fastapi import FastAPI
 from pydantic import SecretStr
@@ -674,6 +675,21 @@ async def test_deleting_a_team_revokes_its_team_admin_tokens_for_good(world: Wor
     assert revocations[-1]["after"]["revoked"] is True
     kept = (await w.admin("GET", f"/v1/keys/{key}")).json()
     assert (kept["team_id"], kept["revoked"]) == (team, True)  # still charged to (re-created) team
+
+
+async def test_a_token_of_a_team_deleted_before_tokens_were_revoked_stays_dead(world: World) -> None:
+    """Teams deleted by an older spendgate left their tokens live: creating the team again revokes them."""
+    w = world
+    team = uid("legacy")
+    await w.admin("PUT", f"/v1/teams/{team}")
+    token_id, team_admin = await w.mint("team_admin", team)
+    async with await psycopg.AsyncConnection.connect(w.settings.database_url, autocommit=True) as conn:
+        await conn.execute("DELETE FROM teams WHERE team_id = %s", (team,))  # what deletion used to do
+    assert (await w.client.get(f"/v1/keys?team_id={team}", headers=team_admin)).status_code == 200
+
+    await w.admin("PUT", f"/v1/teams/{team}")
+    assert (await w.client.get(f"/v1/teams/{team}", headers=team_admin)).status_code == 401
+    assert [r["action"] for r in await audit_of(w, f"token/{token_id}")] == ["mint_token", "revoke_token"]
 
 
 async def test_denials_say_what_was_refused(world: World) -> None:

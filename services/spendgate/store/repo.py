@@ -371,6 +371,10 @@ class ControlRepo:
                 raise Unprocessable(f"org_id: org {org_id} does not exist", details={"field": "org_id"})
             if before is not None and before["org_id"] == org_id:
                 return _team(before)
+            if before is None:
+                # A token bound to a team that does not exist is from an earlier team of this
+                # id, deleted before deletion revoked tokens: it must not come back to life.
+                await self._revoke_team_tokens(tx, actor, team_id)
             version = await tx.next_version()
             record = TeamRecord(version=version, team_id=team_id, org_id=org_id)
             await tx.conn.execute(
@@ -419,8 +423,9 @@ class ControlRepo:
             return await tx.emit(actor, "delete_team", key, _team(before), None)
 
     async def _revoke_team_tokens(self, tx: _Tx, actor: Principal, team_id: str) -> None:
-        """Revoke every team_admin token of a team being deleted (one audit row each), so none
-        comes back to life if a team of the same id is created again."""
+        """Revoke every live token bound to ``team_id`` (one audit row each): when the team is
+        deleted, and when it is created (tokens of an earlier team of that id), so no token of a
+        deleted team comes back to life with a new team of the same id."""
         ids = await _column(
             tx.conn,
             "SELECT token_id FROM tokens WHERE team_id = %s AND NOT revoked ORDER BY token_id",
