@@ -65,8 +65,10 @@ FETCH_MAX_WAIT_MS = 100
 #: :mod:`spendgate.worker.rocks_store` (Faust's RocksDB store with the rocksdict driver and a
 #: crash guard); Faust itself has no ``rocksdict://`` scheme (its ``rocksdb://`` picks the
 #: driver by what is installed).
+#: ``memory://`` is :mod:`spendgate.worker.memory_store` (Faust's memory store, but a kept
+#: partition resumes recovery where it was instead of re-reading its changelog from the start).
 STORES = {
-    "memory://": "faust.stores.memory:Store",
+    "memory://": "spendgate.worker.memory_store:Store",
     "rocksdict://": "spendgate.worker.rocks_store:Store",
 }
 
@@ -82,6 +84,9 @@ def _store_url(store: str) -> str:
         # Faust resolves a store URL by its scheme through this registry (what a
         # ``faust.stores`` entry point would add); idempotent.
         faust_stores.STORES.aliases["rocksdict"] = STORES[store]
+    if store == "memory://":  # Faust's own "memory" scheme stays Faust's store
+        faust_stores.STORES.aliases["keptmemory"] = STORES[store]
+        return "keptmemory://"
     return store
 
 
@@ -174,8 +179,8 @@ def make_app(
         topic_allow_declare=True,
         # The leader topic only serves app.timer(on_leader=True); we use none.
         topic_disable_leader=True,
-        # Memory stores always recover from offset 0, so standby copies buy nothing and
-        # would put other partitions' keys in our tables. RocksDB stores resume from the
+        # Memory stores recover a newly assigned partition from offset 0, so standby copies
+        # buy nothing and would put other partitions' keys in our tables. RocksDB stores resume from the
         # offset they persisted, so a partition coming back to this data_dir catches up.
         table_standby_replicas=0,
         stream_recovery_delay=0.0,
