@@ -203,6 +203,45 @@ def markdown(res: dict[str, Any]) -> str:
                             rp["rate"]["median"] >= w1["median"]))
         L.append("")
 
+    rb = res.get("rebalance")
+    if rb:
+        L.append("## 7. Rebalance: spend and enforcement while the worker group changes\n")
+        L.append(f"`python -m bench --only rebalance`: worker processes in one group (memory store, dev settings: 2 s "
+                 f"session timeout), background load {rb['background_rate']} events/s over 2,000 keys, "
+                 f"{rb['partitions']} partitions. Membership changes one at a time (join, SIGKILL, join, SIGTERM). "
+                 "*resume* = from the change until every one of 8 probe keys (one per `worker.deltas` partition, a "
+                 "probe event every 50 ms) shows in `spend.state` a probe produced after the change; *stall* = the "
+                 "largest produce → state latency of any probe from 1 s before the change on; *enforcement* = a key "
+                 "at $0.99 of a $1 `total` budget gets its crossing event 0.5 s after the change, time until its "
+                 "blocked decision is on `spend.decisions` (the gate follows that topic within milliseconds).\n")
+        L.append("| change | runs | resume s | stall max ms | enforcement ms | timeouts |\n|---|---|---|---|---|---|")
+        for kind, x in rb["by_change"].items():
+            L.append(f"| {kind} | {x['resume_s']['n']} | {_m(x['resume_s'], 1)} | {_m(x['stall_max_ms'], 0)} | "
+                     f"{_m(x['enforce_ms'], 0)} | {x['timeouts']} |")
+        L.append(f"| no change (steady) | {rb['steady_enforce_ms']['n']} | | probe latency p50 "
+                 f"{_m(rb['steady_probe_latency_ms'], 0)} | {_m(rb['steady_enforce_ms'], 0)} | |\n")
+        if rb.get("note"):
+            L.append(rb["note"] + "\n")
+
+    if res.get("litellm"):
+        L += _litellm(res["litellm"], targets)
+
+    wr = res.get("writes")
+    if wr:
+        L.append("## 8. Read-your-writes: write latency and other replicas\n")
+        L.append("`python -m bench --only writes` (bench/writes.py): two API processes; `PUT /v1/budgets/key:K` "
+                 "(a $0 limit) on A, answered once relayed, acknowledged and applied by A's gate; then checks on B "
+                 "every 2 ms until denied (timed from A's answer).\n")
+        L.append("| | p50 ms | p99 ms | max ms |\n|---|---|---|---|")
+        for label, key in (("write answered (A)", "write"), ("applied by the other replica (B)", "other_replica")):
+            x = wr[key]
+            L.append(f"| {label} | {x['p50_ms']} | {x['p99_ms']} | {x['max_ms']} |")
+        L.append(f"\nFirst check on A right after the answer denied: {wr['same_api_first_check_denied']} of "
+                 f"{wr['trials']}; B applied {wr['other_replica_applied']} of {wr['trials']} within 10 s.\n")
+        targets.append(("a write's first check on the same API sees it", "every time",
+                        f"{wr['same_api_first_check_denied']} of {wr['trials']}",
+                        wr["same_api_first_check_denied"] == wr["trials"]))
+
     if targets:
         L.append("## Targets\n\n| target | wanted | measured | |\n|---|---|---|---|")
         L += [f"| {a} | {b} | {c} | {_pf(d)} |" for a, b, c, d in targets]

@@ -6,6 +6,7 @@ import contextlib
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from spendgate.adapters import kafka
 from spendgate.adapters.embedded import PortInUse, free_port, port_in_use, start_broker
+from spendgate.adapters.follower import TopicFollower
 from spendgate.settings import Settings
 from spendgate.store.migrate import (
     MIGRATIONS_DIR,
@@ -175,3 +177,63 @@ def test_embedded_children_die_with_a_killed_parent(tmp_path: Path) -> None:
     with contextlib.suppress(psutil.NoSuchProcess):
         psutil.Process(child).wait(5)  # raises TimeoutExpired if the broker outlived its parent
     assert not psutil.pid_exists(child)
+
+
+async def test_probe_sees_every_record_of_a_batch_and_follows_new_ones(
+    settings_factory: SettingsFactory,
+) -> None:
+    """The read-your-writes probe agrees with the Fetch high watermark, call after call."""
+    settings = await settings_factory(database_url="", partitions=2)
+    topic = kafka.topic_name(settings, "config")
+    probe = kafka.HighWatermarkProbe(settings.kafka_bootstrap)
+    producer = kafka.producer(settings)
+    await producer.start()
+    try:
+        assert await probe.high_watermarks(topic) == {0: 0, 1: 0}
+        batch = producer.create_batch()
+        for i in range(5):
+            batch.append(key=b"k", value=b'{"n": %d}' % i, timestamp=None)
+        await (await producer.send_batch(batch, topic, partition=1))
+        assert await probe.high_watermarks(topic) == {0: 0, 1: 5}
+        await producer.send_and_wait(topic, b"{}", key=b"k", partition=0)
+        assert await probe.high_watermarks(topic) == {0: 1, 1: 5}
+        assert await kafka.fetch_high_watermarks(settings.kafka_bootstrap, topic) == {0: 1, 1: 5}
+    finally:
+        await producer.stop()
+        await probe.close()
+
+
+async def test_probe_of_a_broker_that_is_not_there_gives_up_within_its_bound() -> None:
+    probe = kafka.HighWatermarkProbe(f"127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    try:
+        with pytest.raises(kafka.KafkaUnavailable):
+            await probe.high_watermarks("spend.config", timeout_s=1.0)
+    finally:
+        await probe.close()
+    assert time.monotonic() - started < 3
+
+
+async def test_follower_reach_waits_for_the_records_below_the_given_ends(
+    settings_factory: SettingsFactory,
+) -> None:
+    settings = await settings_factory(database_url="", partitions=2)
+    topic = kafka.topic_name(settings, "config")
+    seen: list[str] = []
+    follower = TopicFollower(settings.kafka_bootstrap, {topic: lambda key, *_: seen.append(key or "")})
+    probe = kafka.HighWatermarkProbe(settings.kafka_bootstrap)
+    producer = kafka.producer(settings)
+    await producer.start()
+    await follower.start()
+    try:
+        await follower.wait_ready(30)
+        for n in range(3):
+            await producer.send_and_wait(topic, b"{}", key=f"r{n}".encode())
+        await follower.reach(topic, await probe.high_watermarks(topic), 10)
+        assert sorted(seen) == ["r0", "r1", "r2"]  # all applied when reach() returns
+        with pytest.raises(TimeoutError):
+            await follower.reach(topic, {0: 10_000}, 0.3)  # never written: bounded
+    finally:
+        await follower.stop()
+        await producer.stop()
+        await probe.close()

@@ -80,7 +80,16 @@ async def stack(
                     **env,
                 )
             )
-            clients.append(httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=ADMIN, timeout=30))
+            clients.append(
+                httpx.AsyncClient(
+                    base_url=f"http://127.0.0.1:{port}",
+                    headers=ADMIN,
+                    timeout=30,
+                    # drop idle connections before uvicorn does (5 s), or a reused one can be
+                    # closed under a request (a ReadError that says nothing about spendgate)
+                    limits=httpx.Limits(keepalive_expiry=2),
+                )
+            )
         try:
             for client, proc in zip(clients, procs, strict=True):
                 await wait_ready(client, proc)
