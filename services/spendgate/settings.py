@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = None
     fail_mode: FailMode = FailMode.OPEN
     max_staleness_s: float = Field(default=30.0, gt=0)
+    write_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="a control-plane write not visible (on spend.config, applied) by then answers 503",
+    )
     dependency_timeout_s: float = Field(
         default=5.0,
         gt=0,

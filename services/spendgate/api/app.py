@@ -7,7 +7,8 @@
    for ``token/…`` config records, the ``TokenCache``. ``/readyz`` answers 503 until it caught up.
 2. with ``SPENDGATE_DATABASE_URL`` set: the Postgres pool (not waiting for the server), the
    tokens already in Postgres into the ``TokenCache`` (best effort, in the background), and the
-   outbox relay, woken after every committed control-plane change.
+   outbox relay, woken after every committed control-plane change. Control-plane writes answer
+   once visible (``api.visibility``: relayed, acknowledged, applied by this gate).
 3. the usage producer starts lazily on the first ``POST /v1/events``.
 
 On shutdown everything is stopped in reverse. Nothing here blocks on the broker or Postgres:
@@ -44,6 +45,7 @@ from spendgate.api.gate import (
 )
 from spendgate.api.limits import RequestGuard
 from spendgate.api.metrics import GateMetrics
+from spendgate.api.visibility import WriteVisibility
 from spendgate.domain.gate_state import GateState
 from spendgate.records import TokenRecord
 from spendgate.settings import Settings
@@ -100,9 +102,13 @@ def create_app(settings: Settings, *, follower: TopicFollower | None = None) -> 
     pool: AsyncConnectionPool | None = None
     repo: ControlRepo | None = None
     relay: OutboxRelay | None = None
+    visibility: WriteVisibility | None = None
+    probe = kafka.HighWatermarkProbe(settings.kafka_bootstrap, client_id="spendgate-api-watermarks")
     if settings.database_url:
         pool = unopened_pool(settings.database_url)
-        repo = ControlRepo(pool, timeout_s=settings.dependency_timeout_s)
+        repo = ControlRepo(  # key_activity: a fact for claiming keys
+            pool, key_activity=gate.key_activity, timeout_s=settings.dependency_timeout_s
+        )
         relay = OutboxRelay(
             pool,
             bootstrap=settings.kafka_bootstrap,
@@ -110,6 +116,10 @@ def create_app(settings: Settings, *, follower: TopicFollower | None = None) -> 
             prepare=lambda: kafka.ensure_topics(settings),
         )
         repo.subscribe(relay.wake)
+        if isinstance(the_follower, TopicFollower):
+            visibility = WriteVisibility(
+                relay, probe, the_follower, settings.topic("config"), settings.write_timeout_s
+            )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -129,6 +139,7 @@ def create_app(settings: Settings, *, follower: TopicFollower | None = None) -> 
                     await task
             if relay is not None:
                 await relay.stop()
+            await probe.close()
             await producer.close()
             await the_follower.stop()
             if pool is not None:
@@ -154,7 +165,7 @@ def create_app(settings: Settings, *, follower: TopicFollower | None = None) -> 
     app.state.check_handler = check_handler(gate, tokens)  # also served ahead of the stack by `api`
     app.include_router(gate_router(gate, tokens, producer, app.state.check_handler))
     if repo is not None:
-        app.include_router(control_router(repo, tokens))
+        app.include_router(control_router(repo, tokens, visibility))
     app.state.gate = gate
     app.state.follower = the_follower
     app.state.tokens = tokens
