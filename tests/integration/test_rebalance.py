@@ -31,7 +31,7 @@ RATE = 80  # events per second: modest, two busy cores run the broker and three 
 KEYS = {f"k{i}": (f"u{i % 5}", f"t{i % 3}") for i in range(20)}
 TEAM_ORG = {"t0": "o1", "t1": "o1", "t2": "o2"}
 TOTAL_LIMITS = {"team:t0": "4", "team:t1": "10", "key:k0": "0.5", "key:k1": "1.2", "key:k2": "2.5"}
-STEP_S = 4.0  # after a membership change, what must be counted: events produced this much later
+STEP_S = 3.0  # after a membership change, what must be counted: events produced this much later
 STEP_TIMEOUT_S = 60.0
 
 

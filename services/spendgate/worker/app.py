@@ -256,10 +256,15 @@ class Worker:
         self.ledgers_built_for = (generation, owned)
 
     def ensure_ledgers(self) -> None:
-        owned = frozenset(self.owned_partitions())
+        """Load the ledgers of this generation once its recovery is over.
+
+        Never while rebalancing or recovering: the table may be half recovered then (a batch
+        still in flight at revocation keeps the previous generation's ledgers, which it owns).
+        """
+        ready = frozenset(partitions_ready(self.app, self.deltas))
         generation = self.app.consumer_generation_id
-        if self.ledgers_built_for != (generation, owned):
-            self._rebuild_ledgers(owned, generation)
+        if ready and self.ledgers_built_for != (generation, ready):
+            self._rebuild_ledgers(ready, generation)
 
     def publishable(self) -> frozenset[int]:
         """The ``worker.deltas`` partitions whose scopes this worker may publish about now.
