@@ -171,6 +171,11 @@ async def test_a_key_moved_to_another_team_charges_the_new_team_from_the_answer_
             await ok(await api_a.put(f"/v1/teams/{team}"))
         await ok(await api_a.put("/v1/keys/mover", json={"team_id": "ta"}))
         await ok(await api_b.post("/v1/events", json=[usage("mover") for _ in range(3)]), 202)
+
+        async def counted_in_a() -> None:  # events sent *before* a move may be charged either way
+            assert (await totals(settings)).get("team:ta") == Decimal(3)
+
+        await eventually(counted_in_a, timeout=60, interval=0.5)
         moved = await ok(await api_a.put("/v1/keys/mover", json={"team_id": "tb"}))
         assert moved["team_id"] == "tb"
         for n in range(30):
