@@ -80,9 +80,8 @@ class Worker:
         self.ledgers: dict[str, ScopeLedger] = {}
         #: (group generation, owned ``worker.deltas`` partitions) the ledgers were loaded for
         self.ledgers_built_for: tuple[int | None, frozenset[int]] | None = None
-        #: clear while an aggregate batch has applied deltas its changelog acks have not covered
-        self.durable = asyncio.Event()
-        self.durable.set()
+        #: scopes whose ledgers hold deltas of an aggregate batch not yet acked by the changelog
+        self.unflushed: set[str] = set()
         #: held while records are computed and handed to the producer (tick and aggregate)
         self.publishing = asyncio.Lock()
         self.dirty: dict[str, Source | None] = {}
@@ -287,7 +286,6 @@ class Worker:
         exported: list[ScopeLedger] = []
         touched: dict[str, tuple[int, int]] = {}
         applied = 0
-        self.durable.clear()  # ledgers hold changes the changelog may not have (see tick)
         try:
             for event in events:
                 dirty_in = changed.setdefault(event.message.partition, {})
@@ -301,6 +299,7 @@ class Worker:
                         exported.append(ledger)
                     applied += 1
                     touched[scope] = (delta.partition, delta.last)
+            self.unflushed = set(touched)  # until the acks (see tick); nothing awaited before
             writes = {
                 q: [
                     (scope, ledger.hot.to_json())
@@ -317,7 +316,7 @@ class Worker:
             ]
             await flush(self.app, futures)
         finally:
-            self.durable.set()
+            self.unflushed = set()
         for ledger in exported:  # their day records are durable now
             ledger.settle()
         metrics.DELTAS.labels(stage="applied").inc(applied)
@@ -363,6 +362,8 @@ class Worker:
         During a rebalance nothing is decided: the scopes are due again, and the next
         generation decides them if this worker still owns them (``_rebuild_ledgers``).
         """
+        if not scopes:
+            return
         async with self.publishing:
             owned = self.publishable()
             if not owned:
@@ -376,49 +377,44 @@ class Worker:
 
     # ---- timers ---------------------------------------------------------------------------
 
-    async def _settled(self, timeout: float = 5.0) -> bool:
-        """Wait (bounded) until no aggregate batch is between applying deltas and their acks.
-
-        Call holding ``publishing``: ``aggregate`` sets ``durable`` and then needs that lock
-        to publish, so it cannot start its next batch before the caller has computed.
-        """
-        if not self.durable.is_set():
-            try:
-                await asyncio.wait_for(self.durable.wait(), timeout)
-            except TimeoutError:
-                return False
-        return self.durable.is_set()
-
     async def tick(self) -> None:
         """Re-decide due scopes (window resets, budget changes) and flush coalesced state.
 
-        Every record is computed from durable ledger state (``_settled``): a state record
-        never shows spend whose changelog write a crash could still lose, so the next owner,
-        recovering from the changelog, never publishes less than this one did. Computing and
-        handing the records to the producer happen under ``publishing``, for owned partitions
-        only (``publishable``), so decisions of one scope reach the topic in ``seq`` order.
+        Every record is computed from durable ledger state: a scope of the aggregate batch
+        whose changelog writes are in flight (``unflushed``) waits for the next tick, so a
+        state record never shows spend a crash could still lose and the next owner, recovering
+        from the changelog, never publishes less than this one did. Computing and handing the
+        records to the producer happen under ``publishing``, for owned partitions only
+        (``publishable``), so decisions of one scope reach the topic in ``seq`` order.
         """
         if not self.config_ready.is_set() or not partitions_ready(self.app, self.deltas):
             return
         async with self.publishing:
-            if not await self._settled():
-                return
             self.ensure_ledgers()
             owned = self.publishable()
             if not owned:
                 return
             now = time.time()
+            unflushed = self.unflushed
             due: dict[str, None] = {}
+            later = []
             while self.due and self.due[0][0] <= now:
                 _, scope = heapq.heappop(self.due)
-                if self._owns(scope, owned):
+                if scope in unflushed:
+                    later.append(scope)
+                elif self._owns(scope, owned):
                     due[scope] = None
+            for scope in later:
+                heapq.heappush(self.due, (now + 0.05, scope))
             decisions, alerts = self._evaluate(due.items(), now, owned)
             for scope in due:
                 self.dirty.setdefault(scope, None)
             dirty, self.dirty = self.dirty, {}
             records = []
             for scope, source in dirty.items():
+                if scope in unflushed:
+                    self.dirty[scope] = source  # the next tick, once its writes are acked
+                    continue
                 if not self._owns(scope, owned):
                     continue  # its partition left: the new owner publishes it
                 ledger = self._ledger(scope)
