@@ -39,7 +39,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from spendgate.adapters.kafka import CLIENT_SETTINGS, KafkaUnavailable, fetch_high_watermarks
+from spendgate.adapters.kafka import CLIENT_SETTINGS, KafkaUnavailable, fetch_high_watermarks, security_for
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +197,7 @@ class TopicFollower:
             fetch_max_wait_ms=wait_ms,
             client_id=self._client_id,
             **CLIENT_SETTINGS,
+            **security_for(self._bootstrap),
         )
         self._consumer = consumer  # before start(): a cancelled start is still closed by _close()
         await consumer.start()

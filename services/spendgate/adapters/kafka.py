@@ -8,7 +8,9 @@ Everything here must be correct on Apache Kafka and on the embedded Tansu broker
 - Tansu's ListOffsets answers ``last batch base offset + 1``, so ``end_offsets()`` is wrong
   there; :func:`fetch_high_watermarks` reads the high watermark of a Fetch response instead.
 - Tansu has no idempotent or transactional producer; :func:`producer` is at-least-once with
-  ``acks="all"`` and consumers make counting idempotent by ``event_id``.
+  ``acks="all"`` and consumers make counting idempotent by ``event_id``. Where the broker grants
+  a producer id (Apache Kafka), :func:`ensure_topics` notes it and :func:`producer` turns
+  idempotence on (no duplicates from the producer's own retries).
 
 aiokafka exceptions do not escape this module: callers see :class:`KafkaUnavailable`.
 """
@@ -16,6 +18,7 @@ aiokafka exceptions do not escape this module: callers see :class:`KafkaUnavaila
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -23,7 +26,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaError, NodeNotReadyError, RequestTimedOutError
 
 from spendgate.settings import Settings
 
@@ -42,6 +45,42 @@ CLIENT_SETTINGS: dict[str, Any] = {
 #: 100 ms serves both live latency and catch-up on Tansu, whose fetch polls storage
 #: (10-20 ms waits made no progress catching up on 100k single-record batches).
 FETCH_MAX_WAIT_MS = 100
+
+
+#: bootstrap -> aiokafka security options, noted by :func:`client_security` for the clients
+#: that are built from a bootstrap string alone (followers, watermark probes, the outbox).
+_SECURITY: dict[str, dict[str, Any]] = {}
+
+
+def client_security(settings: Settings) -> dict[str, Any]:
+    """aiokafka keyword arguments for SASL/TLS (MSK, Confluent Cloud) from ``settings``.
+
+    Also remembered for ``settings.kafka_bootstrap`` so :func:`security_for` gives every client
+    of this process the same options. PLAINTEXT (the default) gives ``{}``.
+    """
+    protocol = settings.kafka_security_protocol
+    options: dict[str, Any] = {}
+    if protocol != "PLAINTEXT":
+        options["security_protocol"] = protocol
+    if protocol.endswith("SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        cafile = str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None
+        options["ssl_context"] = create_ssl_context(cafile=cafile)
+    if protocol.startswith("SASL"):
+        password = settings.kafka_sasl_password
+        options.update(
+            sasl_mechanism=settings.kafka_sasl_mechanism,
+            sasl_plain_username=settings.kafka_sasl_username,
+            sasl_plain_password=password.get_secret_value() if password else "",
+        )
+    _SECURITY[settings.kafka_bootstrap] = options
+    return options
+
+
+def security_for(bootstrap: str) -> dict[str, Any]:
+    """The options :func:`client_security` noted for ``bootstrap`` (``{}``: plaintext)."""
+    return dict(_SECURITY.get(bootstrap, {}))
 
 
 class KafkaUnavailable(RuntimeError):
@@ -93,6 +132,7 @@ async def ensure_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[
         bootstrap_servers=settings.kafka_bootstrap,
         request_timeout_ms=int(timeout_s * 1000),
         client_id="spendgate-admin",
+        **client_security(settings),
     )
     try:
         await asyncio.wait_for(admin.start(), timeout_s)
@@ -102,7 +142,7 @@ async def ensure_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[
                 name,
                 num_partitions=settings.partitions,
                 replication_factor=replication,
-                topic_configs=topic_configs(spec),
+                topic_configs=_with_min_isr(topic_configs(spec), replication),
             )
             for name, spec in names.items()
         ]
@@ -115,6 +155,7 @@ async def ensure_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[
                 message = rest[0] if rest else ""
                 raise KafkaUnavailable(f"creating topic {topic} failed: {error_code} {message}")
         await _warn_on_partition_mismatch(admin, settings, [n for n in names if n not in created])
+        await probe_idempotence(settings.kafka_bootstrap, timeout_s=timeout_s)
         return sorted(created)
     except (KafkaError, TimeoutError, OSError) as exc:
         raise KafkaUnavailable(
@@ -136,6 +177,52 @@ def _replication_factor(brokers: int) -> int:
     return min(3, brokers)
 
 
+def _with_min_isr(configs: dict[str, str], replication: int) -> dict[str, str]:
+    """RF 3 gets ``min.insync.replicas=2``: an acks=all write survives one broker lost."""
+    if replication >= 3:
+        return {**configs, "min.insync.replicas": "2"}
+    return configs
+
+
+#: bootstrap -> whether its broker grants idempotent producer ids (filled by probe_idempotence).
+_IDEMPOTENCE: dict[str, bool] = {}
+
+
+def idempotence_supported(bootstrap: str) -> bool:
+    """What :func:`probe_idempotence` found for ``bootstrap``; False until it has asked."""
+    return _IDEMPOTENCE.get(bootstrap, False)
+
+
+async def probe_idempotence(bootstrap: str, *, timeout_s: float = 10.0) -> bool:
+    """Whether the broker grants an idempotent producer id; cached per bootstrap.
+
+    Apache Kafka does; Tansu answers InitProducerId with UnknownError (BROKER-NOTES). A broker
+    that cannot be reached is not cached (asked again next time) and counts as False.
+    """
+    if bootstrap in _IDEMPOTENCE:
+        return _IDEMPOTENCE[bootstrap]
+    probe = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        enable_idempotence=True,
+        acks="all",
+        client_id="spendgate-idempotence-probe",
+        request_timeout_ms=int(timeout_s * 1000),
+        **security_for(bootstrap),
+    )
+    try:
+        await asyncio.wait_for(probe.start(), timeout_s)
+        _IDEMPOTENCE[bootstrap] = True
+    except (KafkaConnectionError, NodeNotReadyError, RequestTimedOutError, TimeoutError, OSError):
+        return False
+    except KafkaError as exc:
+        log.info("broker at %s grants no idempotent producer (%r): at-least-once producers", bootstrap, exc)
+        _IDEMPOTENCE[bootstrap] = False
+    finally:
+        with contextlib.suppress(Exception):
+            await probe.stop()
+    return _IDEMPOTENCE[bootstrap]
+
+
 async def _warn_on_partition_mismatch(
     admin: AIOKafkaAdminClient, settings: Settings, existing: list[str]
 ) -> None:
@@ -154,17 +241,20 @@ async def _warn_on_partition_mismatch(
 
 
 def producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
-    """An unstarted producer: ``acks="all"``, small linger, no idempotence (Tansu lacks it).
+    """An unstarted producer: ``acks="all"``, small linger, idempotent where the broker can.
 
-    Delivery is at least once; consumers deduplicate by ``event_id``.
+    Idempotence needs :func:`probe_idempotence` (run by :func:`ensure_topics`) to have said
+    yes; Tansu cannot. Delivery is at least once either way (a failed send retried by the
+    caller is a new record); consumers deduplicate by ``event_id``.
     """
     options: dict[str, Any] = {
         "bootstrap_servers": settings.kafka_bootstrap,
         "acks": "all",
         "linger_ms": 5,
-        "enable_idempotence": False,
+        "enable_idempotence": idempotence_supported(settings.kafka_bootstrap),
         "client_id": "spendgate-producer",
         **CLIENT_SETTINGS,
+        **client_security(settings),
     }
     options.update(overrides)
     return AIOKafkaProducer(**options)
@@ -179,6 +269,7 @@ def consumer(settings: Settings, *topics: str, **overrides: Any) -> AIOKafkaCons
         "fetch_max_wait_ms": FETCH_MAX_WAIT_MS,
         "client_id": "spendgate-consumer",
         **CLIENT_SETTINGS,
+        **client_security(settings),
     }
     options.update(overrides)
     return AIOKafkaConsumer(*topics, **options)
@@ -206,6 +297,7 @@ async def fetch_high_watermarks(
         max_partition_fetch_bytes=64 * 1024,
         client_id="spendgate-watermarks",
         request_timeout_ms=int(timeout_s * 1000),
+        **security_for(bootstrap),
     )
     deadline = time.monotonic() + timeout_s
     try:

@@ -29,7 +29,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from psycopg_pool import AsyncConnectionPool
 
-from spendgate.adapters.kafka import fetch_high_watermarks
+from spendgate.adapters.kafka import fetch_high_watermarks, idempotence_supported, security_for
 from spendgate.store.repo import guard, snapshot
 
 log = logging.getLogger(__name__)
@@ -104,9 +104,11 @@ class OutboxRelay:
             producer = AIOKafkaProducer(
                 bootstrap_servers=self._bootstrap,
                 acks="all",
-                enable_idempotence=False,  # Tansu cannot; versions make duplicates harmless
+                # Tansu cannot (probed by ensure_topics); versions make duplicates harmless anyway
+                enable_idempotence=idempotence_supported(self._bootstrap),
                 linger_ms=5,
                 request_timeout_ms=10_000,
+                **security_for(self._bootstrap),
             )
             await producer.start()
             self._producer = producer

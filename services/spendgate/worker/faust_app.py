@@ -43,6 +43,7 @@ from spendgate.worker import recovery_fix
 __all__ = [
     "FETCH_MAX_WAIT_MS",
     "assigned_partitions",
+    "broker_credentials",
     "STORES",
     "flush",
     "get_in_partition",
@@ -118,6 +119,23 @@ def _transport_class(fetch_max_wait_ms: int) -> type[faust_aiokafka.Transport]:
     return _Transport
 
 
+def broker_credentials(settings: Settings) -> Any:
+    """Faust's credentials for SASL/TLS from the same settings as every other client (None: plaintext)."""
+    from spendgate.adapters.kafka import client_security
+
+    options = client_security(settings)
+    if not options:
+        return None
+    if "sasl_mechanism" in options:
+        return faust.SASLCredentials(
+            username=options["sasl_plain_username"],
+            password=options["sasl_plain_password"],
+            ssl_context=options.get("ssl_context"),
+            mechanism=options["sasl_mechanism"],
+        )
+    return faust.SSLCredentials(options["ssl_context"])
+
+
 def make_app(
     settings: Settings,
     *,
@@ -188,6 +206,7 @@ def make_app(
         web_bind="127.0.0.1",
         web_host="127.0.0.1",
         web_port=web_port or 6066,
+        broker_credentials=broker_credentials(settings),
     )
     app.transport = _transport_class(fetch_max_wait_ms)(app.conf.broker_consumer, app)
     return app
