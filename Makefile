@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install litellm-venv run test lint schemas bench clean
+.PHONY: help install litellm-venv run test lint schemas bench clean kafka test-kafka
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -44,6 +44,12 @@ run: install ## Start the embedded stack: broker, Postgres, worker, API (Ctrl-C 
 
 test: install $(LITELLM_STAMP) ## Run the whole test suite (starts its own broker, Postgres, LiteLLM proxy)
 	$(BIN)/pytest -q
+
+kafka: install ## Real Apache Kafka (3 KRaft brokers, fetched with Maven once) until Ctrl-C
+	$(BIN)/python -m spendgate.adapters.kafka_cluster up
+
+test-kafka: install ## Integration + e2e suites on a real 3-broker Kafka (RF 3, min ISR 2), broker-failure tests
+	$(BIN)/python -m spendgate.adapters.kafka_cluster test -- -q -p no:cacheprovider tests/integration tests/e2e
 
 lint: install ## ruff + mypy
 	$(BIN)/ruff check services tests

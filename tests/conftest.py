@@ -17,10 +17,12 @@ module, ``migrated_database_url`` the same with every migration applied.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -148,10 +150,29 @@ def migrated_database_url(fresh_database_url: str) -> str:
     return fresh_database_url
 
 
+REAL_KAFKA = os.environ.get("SPENDGATE_TEST_KAFKA_REAL") == "1"  # set by `make test-kafka`
+
+
+async def _delete_topics_with(bootstrap: str, stems: list[str]) -> None:
+    """Delete the topics whose names contain one of ``stems`` (a test's prefix; bounded)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    try:
+        await asyncio.wait_for(admin.start(), 10)
+        doomed = [t for t in await admin.list_topics() if any(stem in t for stem in stems)]
+        if doomed:
+            await asyncio.wait_for(admin.delete_topics(doomed), 15)
+    except Exception as exc:  # noqa: BLE001 - cleanup only: a leftover topic harms nobody
+        print(f"could not delete test topics {stems}: {exc!r}")
+    finally:
+        await admin.close()
+
+
 @pytest.fixture
 def settings_factory(
     kafka_bootstrap: str, request: pytest.FixtureRequest, tmp_path: Path
-) -> SettingsFactory:
+) -> Iterator[SettingsFactory]:
     """``await settings_factory(**overrides)``: Settings with a unique topic prefix, topics made.
 
     The database is this module's ``migrated_database_url`` unless ``database_url`` is given
@@ -172,9 +193,18 @@ def settings_factory(
             values["database_url"] = request.getfixturevalue("migrated_database_url")
         settings = Settings(**values)
         await ensure_topics(settings)
+        prefixes.append(settings.topic_prefix.strip("."))
         return settings
 
-    return make
+    prefixes: list[str] = []
+    yield make
+    # Real Kafka keeps every partition's files and replicas: drop this test's topics (and the
+    # worker's changelogs, named after its prefix) so a long run stays small. Not on Tansu.
+    if REAL_KAFKA and prefixes:
+        # own thread and loop: leaves pytest-asyncio's session loop alone
+        cleanup = threading.Thread(target=asyncio.run, args=(_delete_topics_with(kafka_bootstrap, prefixes),))
+        cleanup.start()
+        cleanup.join(40)
 
 
 @pytest.fixture

@@ -88,6 +88,7 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
         SPENDGATE_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
         SPENDGATE_TOPIC_PREFIX=settings.topic_prefix,
         SPENDGATE_PARTITIONS=str(settings.partitions),
+        SPENDGATE_REPLICATION_FACTOR=str(settings.replication_factor),
         SPENDGATE_DATABASE_URL=settings.database_url,
         SPENDGATE_DATA_DIR=str(settings.data_dir),
         SPENDGATE_DEV="true",
