@@ -17,9 +17,10 @@ import signal
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -59,9 +60,10 @@ def frozen(process: ManagedProcess) -> Iterator[None]:
                 proc.send_signal(signal.SIGCONT)
 
 
-async def timed(request: asyncio.Future[httpx.Response] | object) -> tuple[httpx.Response, float]:
+async def timed(request: Coroutine[Any, Any, httpx.Response]) -> tuple[httpx.Response, float]:
+    """The response and how long it took; a request still unanswered after 20 s fails the test."""
     started = time.monotonic()
-    response = await request  # type: ignore[misc]
+    response = await asyncio.wait_for(request, BOUND_S + 20)
     return response, time.monotonic() - started
 
 
