@@ -1,4 +1,4 @@
-"""The ``spendgate`` command line (CONTRACT §5): dev | worker | api | replay | schemas.
+"""The ``spendgate`` command line (CONTRACT §5): dev | worker | api | notifier | replay | schemas.
 
 Every command builds one :class:`Settings` from SPENDGATE_* and hands it down. Operator
 mistakes (an unset or unreachable broker/database, a taken port, an invalid setting) end in a
@@ -223,6 +223,14 @@ def api() -> None:
     settings = load_settings()
     _preflight_or_exit(settings)
     _call(_load("spendgate.api.main", "run", "the API"), settings)
+
+
+@app.command()
+def notifier() -> None:
+    """Deliver spend.alerts to the webhooks of the control plane (any number of replicas)."""
+    settings = load_settings()
+    _preflight_or_exit(settings)
+    _call(_load("spendgate.notifier", "run", "the notifier"), settings)
 
 
 @app.command(

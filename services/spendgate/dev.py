@@ -207,7 +207,7 @@ def run_dev(settings: Settings, *, keep_db: bool = False) -> int:
 
         env = _child_env(settings, broker.bootstrap, database_url, token)
         children = []
-        for name in ("worker", "api"):
+        for name in ("worker", "api", "notifier"):
 
             def spawn(name: str = name) -> ManagedProcess:
                 return ManagedProcess.spawn(

@@ -64,6 +64,11 @@ class Settings(BaseSettings):
         description="worker table store; rocksdict:// keeps tables in RocksDB under data_dir",
     )
     log_level: str = "INFO"
+    webhook_allow_hosts: str = Field(
+        default="",
+        description="comma-separated hosts, IPs or CIDRs webhooks may target even when link-local"
+        " or a cloud metadata address (refused otherwise)",
+    )
 
     dev: bool = False
 

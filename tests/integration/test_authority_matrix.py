@@ -236,6 +236,20 @@ def budget_on(scope: str, *, key_in_t: bool = False, moved: bool = False) -> Set
     return setup
 
 
+def webhook_on(*scopes: str) -> Setup:
+    """A webhook ``{new}`` (made by an admin) watching ``scopes``."""
+
+    async def setup(w: World, new: str) -> None:
+        body = {"url": "http://127.0.0.1:9/hook", "scopes": [s.format(T=T, U=U) for s in scopes]}
+        await w.admin("PUT", f"/v1/webhooks/{new}", body)
+
+    return setup
+
+
+def hook(*scopes: str) -> dict[str, Any]:
+    return {"url": "http://127.0.0.1:9/hook", "scopes": list(scopes), "kinds": ["blocked"]}
+
+
 # --- the matrix ------------------------------------------------------------------------------------
 
 
@@ -398,6 +412,30 @@ MATRIX: list[Row] = [
         setup=budget_on("model:{new}")),
     row("remove a tag budget", "DELETE", "/v1/budgets/tag:{new}", 204, 403, 403, 403, 403,
         setup=budget_on("tag:{new}")),
+    # --- alert webhooks (issue 18): a team admin only inside its team; viewers and gateways never
+    row("subscribe to T's alerts", "PUT", "/v1/webhooks/{new}", 200, 200, 403, 403, 403,
+        body=hook(f"team:{T}", f"member:{T}/*", "key:kT", "key_model:kT/*")),
+    row("subscribe to U's alerts", "PUT", "/v1/webhooks/{new}", 200, 403, 200, 403, 403,
+        body=hook(f"team:{U}")),
+    row("subscribe to every team's alerts", "PUT", "/v1/webhooks/{new}", 200, 403, 403, 403, 403,
+        body=hook("team:*")),
+    row("subscribe to T's and U's alerts", "PUT", "/v1/webhooks/{new}", 200, 403, 403, 403, 403,
+        body=hook(f"team:{T}", "key:kU")),
+    row("subscribe to a user's alerts", "PUT", "/v1/webhooks/{new}", 200, 403, 403, 403, 403,
+        body=hook("user:alice")),
+    row("take over a webhook of U into T", "PUT", "/v1/webhooks/{new}", 200, 403, 403, 403, 403,
+        body=hook(f"team:{T}"), setup=webhook_on("team:{U}")),
+    row("read a webhook of T", "GET", "/v1/webhooks/{new}", 200, 200, 403, 403, 403,
+        setup=webhook_on("team:{T}", "key:kT")),
+    row("read a webhook of every team", "GET", "/v1/webhooks/{new}", 200, 403, 403, 403, 403,
+        setup=webhook_on("team:*")),
+    row("delete a webhook of T", "DELETE", "/v1/webhooks/{new}", 204, 204, 403, 403, 403,
+        setup=webhook_on("member:{T}/*")),
+    row("delete a webhook of U", "DELETE", "/v1/webhooks/{new}", 204, 403, 204, 403, 403,
+        setup=webhook_on("team:{U}")),
+    row("list webhooks", "GET", "/v1/webhooks", 200, 200, 200, 403, 403),
+    row("deliveries of a webhook of T", "GET", "/v1/webhooks/{new}/deliveries", 200, 200, 403, 403, 403,
+        setup=webhook_on("team:{T}")),
     # --- audit
     row("read the audit log", "GET", "/v1/audit", 200, 403, 403, 403, 403),
     # --- gate: check and ingest

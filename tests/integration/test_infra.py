@@ -31,7 +31,7 @@ from spendgate.store.migrate import (
 
 SettingsFactory = Callable[..., Awaitable[Settings]]
 
-CONTRACT_TOPICS = {"usage", "usage.dlq", "config", "decisions", "state", "alerts"}
+CONTRACT_TOPICS = {"usage", "usage.dlq", "config", "decisions", "state", "alerts", "alerts.dlq"}
 
 
 async def _describe(bootstrap: str, names: list[str]) -> dict[str, int]:

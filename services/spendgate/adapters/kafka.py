@@ -101,6 +101,7 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("decisions", "compact"),
     TopicSpec("state", "compact"),
     TopicSpec("alerts", "delete"),
+    TopicSpec("alerts.dlq", "delete"),  # webhook deliveries given up (spendgate notifier)
     TopicSpec("worker.deltas", "delete"),
 )
 

@@ -46,11 +46,13 @@ from spendgate.api.gate import (
 from spendgate.api.limits import RequestGuard
 from spendgate.api.metrics import GateMetrics
 from spendgate.api.visibility import WriteVisibility
+from spendgate.api.webhooks import webhooks_router
 from spendgate.domain.gate_state import GateState
 from spendgate.records import TokenRecord
 from spendgate.settings import Settings
 from spendgate.store.outbox import OutboxRelay
 from spendgate.store.repo import ControlRepo, unopened_pool
+from spendgate.store.webhooks import WebhookStore
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +168,8 @@ def create_app(settings: Settings, *, follower: TopicFollower | None = None) -> 
     app.include_router(gate_router(gate, tokens, producer, app.state.check_handler))
     if repo is not None:
         app.include_router(control_router(repo, tokens, visibility))
+        allow = [h.strip() for h in settings.webhook_allow_hosts.split(",") if h.strip()]
+        app.include_router(webhooks_router(WebhookStore(repo.pool, timeout_s=repo.timeout_s), tokens, allow))
     app.state.gate = gate
     app.state.follower = the_follower
     app.state.tokens = tokens
