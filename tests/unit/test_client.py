@@ -33,6 +33,8 @@ from spendgate.client import (
 )
 
 Answer = tuple[int, Any]
+LOADED = 2.0
+"""Check timeout (s) for tests about answers, not timeouts: 50 ms is too short on a busy CI box."""
 
 
 class Gate:
@@ -190,7 +192,7 @@ def test_check_sends_the_contract_body_and_reads_the_typed_answer(gate_factory: 
         }
 
     gate = gate_factory(deny)
-    with SpendgateClient(gate.url, "tok") as client:
+    with SpendgateClient(gate.url, "tok", check_timeout_s=LOADED) as client:
         result = client.check("k1", team_id="t1", tags=["b", "a", "b"], estimated_cost_usd=0.00015)
     assert gate.requests == [
         ("/v1/check", {"key_id": "k1", "team_id": "t1", "tags": ["a", "b"], "estimated_cost_usd": "0.00015"})
@@ -210,7 +212,7 @@ def test_authorize_reads_429_as_a_denial_not_an_error(gate_factory: Any) -> None
             {"allowed": False, "blocked_by": [], "retry_after_s": 5, "degraded": False, "state_lag_ms": 0},
         )
     )
-    with SpendgateClient(gate.url) as client:
+    with SpendgateClient(gate.url, check_timeout_s=LOADED) as client:
         result = client.authorize("k1", model="m", tags=["x", "y"])
     assert not result.allowed and result.failed is None and result.retry_after_s == 5
     assert gate.requests[0][0] == "/v1/authorize?key_id=k1&model=m&tags=x%2Cy"
@@ -236,7 +238,7 @@ def test_gate_errors_follow_the_fail_policy(gate_factory: Any, mode: FailMode) -
 
 async def test_the_async_client_answers_like_the_sync_one(gate_factory: Any) -> None:
     gate = gate_factory(accept_all)
-    async with AsyncSpendgateClient(gate.url, fail_mode="closed") as client:
+    async with AsyncSpendgateClient(gate.url, fail_mode="closed", check_timeout_s=LOADED) as client:
         assert (await client.check("k1", model="gpt-4o")).allowed
         result = await client.send_events(events(3))
         assert result.accepted == 3 and not result.rejected

@@ -7,6 +7,7 @@ differ only in how the request is sent. A check that cannot reach the gate (time
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -187,7 +188,11 @@ class SpendgateClient:
         )
 
     def check(self, key_id: str, *, timeout_s: float | None = None, **fields: Any) -> CheckResult:
-        """``POST /v1/check``; on a gate error the fail policy answers (``result.failed`` says why)."""
+        """``POST /v1/check``; on a gate error the fail policy answers (``result.failed`` says why).
+
+        The timeout applies to each phase (connect, write, read); the async client's is one
+        deadline for the whole check.
+        """
         return self._judge(False, check_body(key_id, **fields), timeout_s)
 
     def authorize(self, key_id: str, *, timeout_s: float | None = None, **fields: Any) -> CheckResult:
@@ -281,14 +286,15 @@ class AsyncSpendgateClient:
     async def _judge(self, authorize: bool, body: dict[str, Any], timeout_s: float | None) -> CheckResult:
         timeout = self.settings.check_timeout_s if timeout_s is None else timeout_s
         try:
-            if authorize:
-                response = await self._http.get(
-                    "/v1/authorize", params=authorize_params(body), timeout=timeout
-                )
-            else:
-                response = await self._http.post("/v1/check", json=body, timeout=timeout)
+            async with asyncio.timeout(timeout):  # one deadline for the whole check, not per phase
+                if authorize:
+                    response = await self._http.get(
+                        "/v1/authorize", params=authorize_params(body), timeout=timeout
+                    )
+                else:
+                    response = await self._http.post("/v1/check", json=body, timeout=timeout)
             result = parse_check(response, authorize=authorize)
-        except (httpx.HTTPError, SpendgateError, ValueError) as exc:
+        except (httpx.HTTPError, SpendgateError, ValueError, TimeoutError) as exc:
             result = CheckResult.by_policy(self.settings.fail_mode, _reason(exc))
             log.warning("spendgate check failed (%s): fail %s", result.failed, self.settings.fail_mode)
         self.stats.count(result)
@@ -338,7 +344,7 @@ class AsyncSpendgateClient:
 
 
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, httpx.TimeoutException | TimeoutError):
         return "timeout"
     if isinstance(exc, httpx.ConnectError):
         return "unreachable"
