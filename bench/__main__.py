@@ -1,4 +1,4 @@
-"""``python -m bench [--only gate,worker,replay,enforce,overshoot,cold,micro] [--quick]`` (``make bench``).
+"""``python -m bench [--only gate,worker,replay,enforce,overshoot,cold,micro,rebalance,writes] [--quick]``.
 
 Starts its own embedded stack (Tansu + Postgres on free ports; spendgate worker/API as child
 processes), runs each measurement beside its baseline, writes BENCHMARKS.md and BENCHMARKS.json.
@@ -27,7 +27,7 @@ from bench import report
 from bench.common import log
 
 ROOT = Path(__file__).resolve().parent.parent
-PHASES = ("micro", "gate", "cold", "worker", "replay", "enforce", "overshoot", "litellm")
+PHASES = ("micro", "gate", "cold", "worker", "replay", "enforce", "overshoot", "rebalance", "litellm", "writes")
 #: BENCHMARKS.json keys written by each phase (for ``--only`` merges).
 PHASE_KEYS = {
     "micro": ("micro",),
@@ -37,7 +37,9 @@ PHASE_KEYS = {
     "replay": ("replay",),
     "enforce": ("enforce", "enforce_1000"),
     "overshoot": ("overshoot",),
+    "rebalance": ("rebalance",),
     "litellm": ("litellm",),
+    "writes": ("writes",),
 }
 
 
@@ -117,10 +119,18 @@ async def main_async(args: argparse.Namespace, results: dict[str, Any]) -> None:
                     results["enforce_1000"] = await live.run_enforcement_overload(lv, enforce_keys[-1:], 1000)
             finally:
                 lv.stop()
+        if "rebalance" in only:
+            from bench import rebalance
+
+            results["rebalance"] = await rebalance.run_rebalance_bench(stack, quick)
         if "litellm" in only:
             from bench import gateway
 
             results["litellm"] = await gateway.run_litellm_bench(stack, workdir, quick)
+        if "writes" in only:
+            from bench import writes
+
+            results["writes"] = await writes.run_writes_bench(stack, quick)
         if "cold" in only:
             scopes = 10_000 if quick else 50_000
             results["cold_worker"] = await coldstart.worker_cold_start(stack, "cold.", scopes, 10, 1 if quick else 2)
