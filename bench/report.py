@@ -242,9 +242,6 @@ def markdown(res: dict[str, Any]) -> str:
                         f"{wr['same_api_first_check_denied']} of {wr['trials']}",
                         wr["same_api_first_check_denied"] == wr["trials"]))
 
-    if res.get("litellm"):
-        L += _litellm(res["litellm"], targets)
-
     if targets:
         L.append("## Targets\n\n| target | wanted | measured | |\n|---|---|---|---|")
         L += [f"| {a} | {b} | {c} | {_pf(d)} |" for a, b, c, d in targets]
