@@ -48,8 +48,11 @@ test: install $(LITELLM_STAMP) ## Run the whole test suite (starts its own broke
 kafka: install ## Real Apache Kafka (3 KRaft brokers, fetched with Maven once) until Ctrl-C
 	$(BIN)/python -m spendgate.adapters.kafka_cluster up
 
-test-kafka: install ## Integration + e2e suites on a real 3-broker Kafka (RF 3, min ISR 2), broker-failure tests
-	$(BIN)/python -m spendgate.adapters.kafka_cluster test -- -q -p no:cacheprovider tests/integration tests/e2e
+# The e2e tests that start their own embedded stack (dev CLI, README quick start) would not
+# touch the cluster: only the one that honours SPENDGATE_TEST_KAFKA_BOOTSTRAP runs here.
+test-kafka: install $(LITELLM_STAMP) ## Integration + e2e on a real 3-broker Kafka (RF 3, min ISR 2), broker failures
+	$(BIN)/python -m spendgate.adapters.kafka_cluster test -- -q -rf -p no:cacheprovider --durations=15 \
+		tests/integration tests/e2e/test_litellm_proxy.py
 
 lint: install ## ruff + mypy
 	$(BIN)/ruff check services tests
