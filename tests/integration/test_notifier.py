@@ -288,3 +288,43 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def test_a_team_crossing_its_soft_limit_then_its_limit_end_to_end(
+    settings: Settings,
+    store: WebhookStore,
+    receiver: Receiver,
+    notifier: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
+    """Usage -> worker -> spend.alerts -> notifier -> the receiver: exactly the matching alerts."""
+    team = f"e2e-{uuid.uuid4().hex[:6]}"
+    url, got = receiver.add()
+    slack_url, slack = receiver.add()
+    other_url, other = receiver.add()
+    await subscribe(store, url, [f"team:{team}"], secret=SECRET)
+    await subscribe(store, slack_url, [f"team:{team}"], kinds=["soft_limit"], format="slack", secret=None)
+    await subscribe(store, other_url, [f"team:{team}-not"])
+    limits = [{"window": "1d", "max_usd": "10", "soft_usd": "8"}]
+    budget = {"v": 1, "type": "budget", "version": 1, "scope": f"team:{team}", "tz": "UTC", "limits": limits}
+    await produce(settings, "config", [(f"budget/team:{team}", budget)])
+
+    def usage(cost: str) -> tuple[str, dict[str, Any]]:
+        now = datetime.now(UTC).isoformat()
+        event = {"v": 1, "event_id": uuid.uuid4().hex, "occurred_at": now, "key_id": "ke2e"}
+        return "ke2e", {**event, "cost_usd": cost, "team_id": team}
+
+    with running_services(tmp_path) as start:
+        start("worker", settings, "worker")
+        await notifier()
+        await produce(settings, "usage", [usage("8.5")])
+        await eventually(lambda: _assert(len(got.got) == 1), timeout=50, interval=0.1)
+        await produce(settings, "usage", [usage("2.25")])
+        await eventually(lambda: _assert(len(got.got) == 2), timeout=20, interval=0.1)
+        await asyncio.sleep(1.0)
+    assert [r.json()["kind"] for r in got.got] == ["soft_limit", "blocked"]
+    assert [r.json()["spend_usd"] for r in got.got] == ["8.5", "10.75"]
+    assert all(verify(SECRET, r.headers[SIGNATURE_HEADER], r.body, now=time.time()) for r in got.got)
+    assert len(slack.got) == 1 and other.got == []
+    text = slack.got[0].json()["text"]
+    assert f"team:{team}" in text and "$8.50" in text and "1d" in text, text
