@@ -210,6 +210,8 @@ async def probe_idempotence(bootstrap: str, *, timeout_s: float = 10.0) -> bool:
         request_timeout_ms=int(timeout_s * 1000),
         **security_for(bootstrap),
     )
+    sender_log = logging.getLogger("aiokafka.producer.sender")
+    sender_log.addFilter(_quiet_init_producer_id)  # Tansu's refusal is an answer, not an error
     try:
         await asyncio.wait_for(probe.start(), timeout_s)
         _IDEMPOTENCE[bootstrap] = True
@@ -219,9 +221,14 @@ async def probe_idempotence(bootstrap: str, *, timeout_s: float = 10.0) -> bool:
         log.info("broker at %s grants no idempotent producer (%r): at-least-once producers", bootstrap, exc)
         _IDEMPOTENCE[bootstrap] = False
     finally:
+        sender_log.removeFilter(_quiet_init_producer_id)
         with contextlib.suppress(Exception):
             await probe.stop()
     return _IDEMPOTENCE[bootstrap]
+
+
+def _quiet_init_producer_id(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Unexpected error during InitProducerIdRequest")
 
 
 async def _warn_on_partition_mismatch(
