@@ -65,9 +65,10 @@ def test_redact_url_hides_only_the_password() -> None:
     assert "secret" not in redact_url("host=h user=a password=secret")
 
 
-def test_api_without_database_exits_2_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("command", ["api", "notifier"])
+def test_api_without_database_exits_2_with_one_line(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SPENDGATE_DATABASE_URL", raising=False)
-    result = CliRunner().invoke(app, ["api"])
+    result = CliRunner().invoke(app, [command])
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert lines == [lines[0]]
@@ -75,7 +76,7 @@ def test_api_without_database_exits_2_with_one_line(monkeypatch: pytest.MonkeyPa
     assert "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("command", ["worker", "api"])
+@pytest.mark.parametrize("command", ["worker", "api", "notifier"])
 def test_service_with_unreachable_kafka_exits_2_with_one_line(
     command: str, monkeypatch: pytest.MonkeyPatch, open_port: int, closed_port: int
 ) -> None:
