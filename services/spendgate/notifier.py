@@ -173,18 +173,26 @@ class Notifier:
         batch = await self._consumer.getmany(timeout_ms=500, max_records=500)
         if not batch:
             return
-        subs = await self._subscriptions()
-        items: list[tuple[str, str, dict[str, Any]]] = []
-        for records in batch.values():
-            for record in records:
-                alert = self._alert(record)
-                if alert is None:
-                    continue
-                for sub in subs:
-                    if subscription_matches(sub.patterns, sub.kinds, alert["scope"], alert["kind"]):
-                        items.append((sub.webhook_id, event_id(sub.webhook_id, alert), alert))
-        new = await self.store.schedule(items)  # raises (no commit) while Postgres is down
-        await self._consumer.commit({tp: records[-1].offset + 1 for tp, records in batch.items()})
+        try:
+            subs = await self._subscriptions()
+            items: list[tuple[str, str, dict[str, Any]]] = []
+            for records in batch.values():
+                for record in records:
+                    alert = self._alert(record)
+                    if alert is None:
+                        continue
+                    for sub in subs:
+                        if subscription_matches(sub.patterns, sub.kinds, alert["scope"], alert["kind"]):
+                            items.append((sub.webhook_id, event_id(sub.webhook_id, alert), alert))
+            new = await self.store.schedule(items)  # raises while Postgres is down
+            await self._consumer.commit({tp: records[-1].offset + 1 for tp, records in batch.items()})
+        except BaseException:
+            # The position is past this batch already: go back to its start, so no later commit
+            # can skip it (scheduling again is harmless: a delivery is unique per event id).
+            for tp, records in batch.items():
+                with contextlib.suppress(Exception):  # revoked meanwhile: its new owner reads it
+                    self._consumer.seek(tp, records[0].offset)
+            raise
         if items:
             log.info("notifier: %d alert deliveries scheduled (%d new)", len(items), new)
             self._wake.set()

@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 from tests.kafka_helpers import eventually, produce, read_all, running_services
 
+from spendgate.api.errors import DatabaseUnavailable
 from spendgate.domain.authority import Principal, Role
 from spendgate.domain.webhooks import (
     EVENT_ID_HEADER,
@@ -212,6 +213,8 @@ async def test_500s_are_retried_with_one_event_id_and_410_is_not(
 
     await eventually(settled, timeout=30, interval=0.1)
     assert len(flaky.got) == 4 and len(flaky.ids()) == 1  # the same Spendgate-Event-Id each time
+    (row,) = (await store.deliveries(ADMIN, flaky_id))["items"]
+    assert [(h["status"], h["error"]) for h in row["history"]] == [(500, "HTTP 500")] * 3 + [(200, None)]
     gaps = [b.at - a.at for a, b in zip(flaky.got, flaky.got[1:], strict=False)]
     assert all(gap >= 0.09 for gap in gaps), gaps  # backed off (0.1-0.2 s, 0.2-0.4 s, 0.4-0.8 s)
 
@@ -220,8 +223,8 @@ async def test_500s_are_retried_with_one_event_id_and_410_is_not(
         assert [(r["status"], r["attempts"], r["last_status"]) for r in rows] == [("failed", 1, 410)]
         return rows[0]
 
-    row = await eventually(given_up, timeout=10, interval=0.1)
-    assert "not retried" in row["last_error"] and len(gone.got) == 1
+    gone_row = await eventually(given_up, timeout=10, interval=0.1)
+    assert "not retried" in gone_row["last_error"] and len(gone.got) == 1
 
     async def dead_lettered() -> list[Any]:
         dlq = [v for k, v in await read_all(settings, "alerts.dlq") if k == gone_id]
@@ -328,3 +331,34 @@ async def test_a_team_crossing_its_soft_limit_then_its_limit_end_to_end(
     assert len(slack.got) == 1 and other.got == []
     text = slack.got[0].json()["text"]
     assert f"team:{team}" in text and "$8.50" in text and "1d" in text, text
+
+
+class FailingOnce(WebhookStore):
+    """Postgres refusing the first scheduling of a batch (as when it restarts)."""
+
+    failures = 1
+
+    async def schedule(self, items: Any) -> int:
+        if self.failures and items:
+            self.failures -= 1
+            raise DatabaseUnavailable()
+        return await super().schedule(items)
+
+
+async def test_an_alert_whose_scheduling_failed_is_read_again_not_skipped(
+    settings: Settings, store: WebhookStore, receiver: Receiver
+) -> None:
+    url, got = receiver.add()
+    await subscribe(store, url, ["org:*"])
+    failing = FailingOnce(store.pool)
+    notifier = Notifier(settings, failing, policy=FAST)
+    await notifier.start()
+    try:
+        await produce(settings, "alerts", [("org:o1", alert("org:o1"))])
+        await eventually(lambda: _assert(len(got.got) == 1), timeout=30, interval=0.1)
+        await produce(settings, "alerts", [("org:o2", alert("org:o2"))])  # and what follows, too
+        await eventually(lambda: _assert(len(got.got) == 2), timeout=10, interval=0.1)
+    finally:
+        await notifier.stop()
+    assert failing.failures == 0
+    assert [r.json()["scope"] for r in got.got] == ["org:o1", "org:o2"]

@@ -106,6 +106,7 @@ def delivery_view(row: Row) -> dict[str, Any]:
         "next_attempt_at": _iso(row["next_attempt_at"]) if row["status"] == "pending" else None,
         "created_at": _iso(row["created_at"]),
         "finished_at": _iso(row["finished_at"]),
+        "history": row.get("history") or [],
         "alert": {k: alert.get(k) for k in ("scope", "kind", "window", "as_of")},
     }
 
@@ -402,9 +403,22 @@ class WebhookStore:
             await conn.execute(
                 "UPDATE webhook_deliveries SET status = %s, attempts = %s, last_status = %s, last_error = %s,"
                 " last_attempt_at = now(), locked_until = NULL,"
+                " history = jsonb_path_query_array(history || jsonb_build_array(jsonb_build_object("
+                "   'at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),"
+                "   'status', %s::integer, 'error', %s::text)), '$[last - 9 to last]'),"
                 " next_attempt_at = now() + make_interval(secs => %s),"
                 " finished_at = CASE WHEN %s = 'pending' THEN NULL ELSE now() END WHERE id = %s",
-                (status, attempts, http_status, error, retry_in_s or 0.0, status, delivery_id),
+                (
+                    status,
+                    attempts,
+                    http_status,
+                    error,
+                    http_status,
+                    error,
+                    retry_in_s or 0.0,
+                    status,
+                    delivery_id,
+                ),
             )
 
     async def next_due_in(self) -> float | None:

@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
     last_attempt_at timestamptz,
     last_status     integer,                   -- HTTP status of the last attempt (NULL: no answer)
     last_error      text,
+    history         jsonb       NOT NULL DEFAULT '[]',  -- the last 10 attempts: at, status, error
     created_at      timestamptz NOT NULL DEFAULT now(),
     finished_at     timestamptz,
     UNIQUE (webhook_id, event_id)
