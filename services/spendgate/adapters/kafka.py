@@ -427,7 +427,8 @@ class HighWatermarkProbe:
             if leader is None or leader < 0:
                 await client.force_metadata_update()
                 raise _Retry(f"{topic}/{partition} has no leader")
-            by_leader.setdefault(leader, []).append((partition, self._ends.get((topic, partition), 0), 1 << 16))
+            at = self._ends.get((topic, partition), 0)
+            by_leader.setdefault(leader, []).append((partition, at, 1 << 16))
         # max_wait 1 ms, min_bytes 0: answer at once. (Tansu answers max_wait 0 with no
         # partitions at all; 1 ms costs it ~2-4 ms and Kafka nothing.)
         answers = await asyncio.gather(
