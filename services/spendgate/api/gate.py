@@ -158,7 +158,8 @@ class Gate:
             reason = "stale"
         if reason == "stale" and self.fail_open:
             # Fail open means "don't deny for want of news", not "forget blocks we know of":
-            # a scope held blocked in memory stays blocked (no silent bypass: docs/FAILURE-MODES.md, seed 001).
+            # a scope held blocked in memory stays blocked (no silent bypass; seed 001 in
+            # docs/FAILURE-MODES.md).
             result = replace(check(request, self.state, self.clock()), degraded=True)
             self.metrics.degraded.labels(reason, self.fail_mode).inc()
         elif reason is not None:

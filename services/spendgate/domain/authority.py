@@ -11,9 +11,9 @@ Rules:
   members of T, revoke (DELETE) keys of T, and set or remove budgets on ``key:K`` (K in T),
   ``member:T/U`` and ``key_model:K/M`` (K in T). Every limit it sets must be <= team T's limit
   for the same window when T's budget has one; the ceiling is always the parent team's budget,
-  never anything about the caller's own token (seed 000, docs/FAILURE-MODES.md). It may not mint or revoke tokens: a
-  gateway token can ingest spend for any key and a viewer token can read every team, both
-  beyond T's authority.
+  never anything about the caller's own token (seed 000, docs/FAILURE-MODES.md). It may not
+  mint or revoke tokens: a gateway token can ingest spend for any key and a viewer token can
+  read every team, both beyond T's authority.
 - Registering a key (PUT) as ``team_admin`` of T, so that no constraint an admin set can be
   escaped (issue 11):
   - into T only; a key already registered must be in T and not revoked (un-revoking takes an
