@@ -36,6 +36,7 @@ from spendgate.store.repo import guard
 Row = dict[str, Any]
 MAX_PAGE = 1000
 UNSET: Any = object()  # "secret" absent from a PUT body: keep the current one (or make one)
+_abandoned: set[asyncio.Future[Any]] = set()  # calls answered 503, still finishing
 
 
 def webhook_key(webhook_id: str) -> str:
@@ -128,12 +129,25 @@ class WebhookStore:
                 yield cast(AsyncConnection[Row], conn)
 
     async def _bounded(self, coro: Any) -> Any:
+        """Answer within ``timeout_s`` or 503, even when Postgres is frozen (SIGSTOP keeps its
+        sockets open, and cancelling psycopg mid-query waits for the server): the abandoned
+        call is cancelled and finishes in the background (as ``store.repo._bounded`` does)."""
+        task = asyncio.ensure_future(coro)
         try:
-            return await asyncio.wait_for(coro, self.timeout_s)
-        except TimeoutError:
-            raise DatabaseUnavailable(
-                f"the control-plane database did not answer within {self.timeout_s:g}s; retry later"
-            ) from None
+            done, _ = await asyncio.wait({task}, timeout=self.timeout_s)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if task in done:
+            return task.result()
+        task.cancel()
+        _abandoned.add(task)
+        task.add_done_callback(_abandoned.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        raise DatabaseUnavailable(
+            f"the control-plane database did not answer within {self.timeout_s:g}s; retry later"
+            " (the change was applied whole or not at all; repeating it is safe)"
+        )
 
     # --- authority --------------------------------------------------------------------------
 
