@@ -209,14 +209,15 @@ def markdown(res: dict[str, Any]) -> str:
         L.append(f"`python -m bench --only rebalance`: worker processes in one group (memory store, dev settings: 2 s "
                  f"session timeout), background load {rb['background_rate']} events/s over 2,000 keys, "
                  f"{rb['partitions']} partitions. Membership changes one at a time (join, SIGKILL, join, SIGTERM). "
-                 "*resume* = from the change until every one of 8 probe keys (one per `worker.deltas` partition, a "
-                 "probe event every 50 ms) shows in `spend.state` a probe produced after the change; *stall* = the "
-                 "largest produce → state latency of any probe from 1 s before the change on; *enforcement* = a key "
-                 "at $0.99 of a $1 `total` budget gets its crossing event 0.5 s after the change, time until its "
-                 "blocked decision is on `spend.decisions` (the gate follows that topic within milliseconds).\n")
-        L.append("| change | runs | resume s | stall max ms | enforcement ms | timeouts |\n|---|---|---|---|---|---|")
+                 "*stopped* = the longest time the `spend.state` total of any of 8 probe keys (one per `worker.deltas` "
+                 "partition, a probe event every 50 ms, so ~0.4 s apart per key) did not advance, from 1 s before the "
+                 "change to 15 s after it; *stall* = the largest produce → state latency of a probe in that window; "
+                 "*enforcement* = a key at $0.99 of a $1 `total` budget gets its crossing event about when the "
+                 "rebalance begins (3.5 s after a join, 1.5 s after a kill/stop), time until its blocked decision is "
+                 "on `spend.decisions` (the gate follows that topic within milliseconds).\n")
+        L.append("| change | runs | spend stopped s | stall max ms | enforcement ms | timeouts |\n|---|---|---|---|---|---|")
         for kind, x in rb["by_change"].items():
-            L.append(f"| {kind} | {x['resume_s']['n']} | {_m(x['resume_s'], 1)} | {_m(x['stall_max_ms'], 0)} | "
+            L.append(f"| {kind} | {x['stopped_s']['n']} | {_m(x['stopped_s'], 1)} | {_m(x['stall_max_ms'], 0)} | "
                      f"{_m(x['enforce_ms'], 0)} | {x['timeouts']} |")
         L.append(f"| no change (steady) | {rb['steady_enforce_ms']['n']} | | probe latency p50 "
                  f"{_m(rb['steady_probe_latency_ms'], 0)} | {_m(rb['steady_enforce_ms'], 0)} | |\n")
