@@ -254,16 +254,21 @@ class Worker:
         heapq.heapify(self.due)
         self.ledgers_built_for = (generation, owned)
 
-    def ensure_ledgers(self) -> None:
+    def ensure_ledgers(self, *, recovered: bool = False) -> None:
         """Load the ledgers of this generation once its recovery is over.
 
-        Never while rebalancing or recovering: the table may be half recovered then (a batch
-        still in flight at revocation keeps the previous generation's ledgers, which it owns).
+        ``recovered``: the caller knows it is (``aggregate``: Faust delivers a generation's
+        events only after its recovery, possibly a moment before it clears ``rebalancing``).
+        Otherwise only when not rebalancing or recovering: the table may be half recovered then.
+        A batch still in flight at a revocation keeps the ledgers of its own generation.
         """
-        ready = frozenset(partitions_ready(self.app, self.deltas))
+        if recovered:
+            owned = frozenset(self.owned_partitions())
+        else:
+            owned = frozenset(partitions_ready(self.app, self.deltas))
         generation = self.app.consumer_generation_id
-        if ready and self.ledgers_built_for != (generation, ready):
-            self._rebuild_ledgers(ready, generation)
+        if owned and self.ledgers_built_for != (generation, owned):
+            self._rebuild_ledgers(owned, generation)
 
     def publishable(self) -> frozenset[int]:
         """The ``worker.deltas`` partitions whose scopes this worker may publish about now.
@@ -278,7 +283,7 @@ class Worker:
         return ready
 
     async def aggregate(self, events: Sequence[faust.EventT]) -> None:
-        self.ensure_ledgers()
+        self.ensure_ledgers(recovered=True)
         ledgers = self.ledgers
         # each changed record is written once per batch, with its final value: a crash leaves
         # every record at some state it really had, each with its own watermarks
