@@ -181,6 +181,14 @@ async def spendgate_on(
                     assert (await client.get("/readyz")).status_code == 200
 
                 await eventually(ready, timeout=60, interval=0.1)
+
+                async def worker_ready() -> None:
+                    # Faust creates its changelogs with RF 3 at start: Kafka refuses that while a
+                    # broker is down, so no broker may go before the worker is up (~3-45 s here).
+                    log = worker.log_path.read_text(errors="replace")
+                    assert "[^Worker]: Ready" in log and "follower: live mode" in log, worker.log()
+
+                await eventually(worker_ready, timeout=180, interval=0.5)
                 yield client, settings, worker
 
 
