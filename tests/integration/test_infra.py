@@ -109,9 +109,7 @@ async def test_high_watermark_after_several_batches(settings_factory: SettingsFa
 async def test_high_watermark_of_unknown_topic_raises(settings_factory: SettingsFactory) -> None:
     settings = await settings_factory(database_url="")
     with pytest.raises(kafka.KafkaUnavailable, match="does not exist"):
-        await kafka.fetch_high_watermarks(
-            settings.kafka_bootstrap, "no-such-topic-here", timeout_s=1.0
-        )
+        await kafka.fetch_high_watermarks(settings.kafka_bootstrap, "no-such-topic-here", timeout_s=1.0)
 
 
 def test_migrations_apply_once_and_record_each_version(fresh_database_url: str) -> None:
@@ -121,9 +119,7 @@ def test_migrations_apply_once_and_record_each_version(fresh_database_url: str) 
     assert applied_versions(fresh_database_url) == expected
 
 
-def test_a_failing_migration_is_rolled_back_and_not_recorded(
-    database_url: str, tmp_path: Path
-) -> None:
+def test_a_failing_migration_is_rolled_back_and_not_recorded(database_url: str, tmp_path: Path) -> None:
     name = f"m_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")

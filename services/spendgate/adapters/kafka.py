@@ -344,8 +344,21 @@ async def _partitions_for(client: AIOKafkaConsumer, topic: str, deadline: float)
             raise KafkaUnavailable(f"topic {topic} does not exist")
         # Ask for this topic by name: Kafka answers an empty topic list with no topics (Tansu
         # with all of them), and consumer.topics() does not update the client's cluster view.
-        await client._client.add_topic(topic)
+        # Never with auto-creation: a reader must not create the topic it waits for.
+        if await _topic_exists(client, topic):
+            await client._client.add_topic(topic)
         await asyncio.sleep(0.1)
+
+
+async def _topic_exists(client: AIOKafkaConsumer, topic: str) -> bool:
+    from aiokafka.protocol.metadata import MetadataRequest
+
+    inner = client._client
+    node = inner.get_random_node()
+    if node is None:
+        return False
+    answer = await inner.send(node, MetadataRequest([topic], allow_auto_topic_creation=False))
+    return any(entry[1] == topic and entry[0] == 0 for entry in answer.topics)
 
 
 class HighWatermarkProbe:
