@@ -19,7 +19,6 @@ the driver ``StoreError`` (500).
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 import logging
@@ -70,6 +69,7 @@ from spendgate.records import (
     TeamRecord,
     TokenRecord,
 )
+from spendgate.store.deadline import within
 
 log = logging.getLogger(__name__)
 
@@ -881,40 +881,15 @@ class ControlRepo:
 
 
 def _bounded(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Make a ``ControlRepo`` method answer within ``self.timeout_s`` (else ``DatabaseUnavailable``).
-
-    Why a task of its own: a frozen Postgres (SIGSTOP) keeps its sockets open, so no driver or
-    pool timeout fires, and cancelling psycopg mid-query waits for the server's answer to the
-    cancel (up to 10 s) before closing the connection. The request answers 503 at the bound; the
-    abandoned call is cancelled and finishes in the background. A transaction is atomic, so a
-    write answered 503 was either applied whole (if its COMMIT had already reached the server)
-    or not at all; every write is idempotent, so the client just repeats it.
-    """
+    """Make a ``ControlRepo`` method answer within ``self.timeout_s`` (``store.deadline``)."""
 
     @functools.wraps(method)
     async def run(self: ControlRepo, *args: Any, **kwargs: Any) -> T:
-        task = asyncio.ensure_future(method(self, *args, **kwargs))
-        try:
-            done, _ = await asyncio.wait({task}, timeout=self.timeout_s)
-        except asyncio.CancelledError:
-            task.cancel()
-            raise
-        if task in done:
-            return task.result()
-        task.cancel()
-        _abandoned.add(task)
-        task.add_done_callback(_abandoned.discard)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no warning
-        log.warning("postgres did not answer %s within %.1fs", method.__name__, self.timeout_s)
-        raise DatabaseUnavailable(
-            f"the control-plane database did not answer within {self.timeout_s:g}s; retry later"
-            " (the change was applied whole or not at all; repeating it is safe)"
-        )
+        return await within(method(self, *args, **kwargs), self.timeout_s, method.__name__)
 
     return run
 
 
-_abandoned: set[asyncio.Future[Any]] = set()
 for _name, _method in list(vars(ControlRepo).items()):
     if not _name.startswith("_") and inspect.iscoroutinefunction(_method):
         setattr(ControlRepo, _name, _bounded(_method))

@@ -11,7 +11,6 @@ Driver exceptions leave as the API's errors (``store.repo.guard``): 503 when Pos
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -23,7 +22,7 @@ from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from spendgate.api.errors import DatabaseUnavailable, Forbidden, NotFound, Unprocessable
+from spendgate.api.errors import Forbidden, NotFound, Unprocessable
 from spendgate.domain.authority import Denied, Principal
 from spendgate.domain.scopes import encode_id
 from spendgate.domain.webhooks import (
@@ -31,12 +30,12 @@ from spendgate.domain.webhooks import (
     authorize_webhook,
     keys_named,
 )
+from spendgate.store.deadline import within
 from spendgate.store.repo import guard
 
 Row = dict[str, Any]
 MAX_PAGE = 1000
 UNSET: Any = object()  # "secret" absent from a PUT body: keep the current one (or make one)
-_abandoned: set[asyncio.Future[Any]] = set()  # calls answered 503, still finishing
 
 
 def webhook_key(webhook_id: str) -> str:
@@ -129,25 +128,8 @@ class WebhookStore:
                 yield cast(AsyncConnection[Row], conn)
 
     async def _bounded(self, coro: Any) -> Any:
-        """Answer within ``timeout_s`` or 503, even when Postgres is frozen (SIGSTOP keeps its
-        sockets open, and cancelling psycopg mid-query waits for the server): the abandoned
-        call is cancelled and finishes in the background (as ``store.repo._bounded`` does)."""
-        task = asyncio.ensure_future(coro)
-        try:
-            done, _ = await asyncio.wait({task}, timeout=self.timeout_s)
-        except asyncio.CancelledError:
-            task.cancel()
-            raise
-        if task in done:
-            return task.result()
-        task.cancel()
-        _abandoned.add(task)
-        task.add_done_callback(_abandoned.discard)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        raise DatabaseUnavailable(
-            f"the control-plane database did not answer within {self.timeout_s:g}s; retry later"
-            " (the change was applied whole or not at all; repeating it is safe)"
-        )
+        """Answer within ``timeout_s`` or 503, even when Postgres is frozen (``store.deadline``)."""
+        return await within(coro, self.timeout_s, "a webhooks call")
 
     # --- authority --------------------------------------------------------------------------
 

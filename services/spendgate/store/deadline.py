@@ -1,0 +1,44 @@
+"""Answer within a deadline even when Postgres is frozen.
+
+Why a task of its own: a frozen Postgres (SIGSTOP) keeps its sockets open, so no driver or pool
+timeout fires, and cancelling psycopg mid-query waits for the server's answer to the cancel (up
+to 10 s) before closing the connection. The caller gets ``DatabaseUnavailable`` (503) at the
+bound; the abandoned call is cancelled and finishes in the background. A transaction is atomic,
+so a write answered 503 was either applied whole (if its COMMIT had already reached the server)
+or not at all; every write is idempotent, so the client just repeats it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from spendgate.api.errors import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_abandoned: set[asyncio.Future[Any]] = set()  # calls answered 503, still finishing
+
+
+async def within(call: Awaitable[T], timeout_s: float, what: str) -> T:
+    """``await call``, or raise ``DatabaseUnavailable`` after ``timeout_s`` (module docstring)."""
+    task = asyncio.ensure_future(call)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if task in done:
+        return task.result()
+    task.cancel()
+    _abandoned.add(task)
+    task.add_done_callback(_abandoned.discard)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no warning
+    log.warning("postgres did not answer %s within %.1fs", what, timeout_s)
+    raise DatabaseUnavailable(
+        f"the control-plane database did not answer within {timeout_s:g}s; retry later"
+        " (the change was applied whole or not at all; repeating it is safe)"
+    )
