@@ -227,6 +227,16 @@ def markdown(res: dict[str, Any]) -> str:
     if res.get("litellm"):
         L += _litellm(res["litellm"], targets)
 
+    ab = res.get("barrier_ab")
+    if ab:
+        L.append("### The read-your-writes barrier's cost on the worker\n")
+        L.append(f"`{ab['command']}`; processing events/s per run.\n")
+        L.append("| code | 1 worker | 2 workers |\n|---|---|---|")
+        for row in ab["rows"]:
+            L.append(f"| {row['what']} | {', '.join(map(str, row['workers_1']))} | "
+                     f"{', '.join(map(str, row['workers_2']))} |")
+        L.append(f"\n{ab['note']}\n")
+
     wr = res.get("writes")
     if wr:
         L.append("## 8. Read-your-writes: write latency and other replicas\n")
@@ -260,9 +270,6 @@ def main() -> None:
     res = json.loads((root / "BENCHMARKS.json").read_text())
     (root / "BENCHMARKS.md").write_text(markdown(res))
 
-
-if __name__ == "__main__":
-    main()
 
 
 def _cores() -> int:
@@ -307,3 +314,7 @@ def _litellm(lt: dict[str, Any], targets: list[tuple[str, str, str, bool | None]
     targets.append(("LiteLLM callback overhead (p50)", "≤ 1 ms", f"{lt['added_p50_ms']:+.1f} ms",
                     lt["added_p50_ms"] <= 1.0))
     return L
+
+
+if __name__ == "__main__":
+    main()
