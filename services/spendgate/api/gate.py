@@ -43,6 +43,7 @@ from spendgate.api.errors import (
 )
 from spendgate.api.limits import CONTROL_BODY_LIMIT, EVENTS_BODY_LIMIT, RequestGuard
 from spendgate.api.metrics import GateMetrics
+from spendgate.background import abandon
 from spendgate.domain.authority import Action, BudgetTarget, Denied, GateTarget, Principal, Role, authorize
 from spendgate.domain.check import CheckRequest, CheckResult, check, degraded, scope_bindings
 from spendgate.domain.errors import InvalidInput
@@ -191,7 +192,7 @@ class UsageProducer:
         self._timeout_s = timeout_s
         self._producer: AIOKafkaProducer | None = None
         self._lock = asyncio.Lock()
-        self._abandoned: set[asyncio.Task[None]] = set()
+        self._abandoned: set[asyncio.Future[Any]] = set()
 
     async def _get(self) -> AIOKafkaProducer:
         async with self._lock:
@@ -220,27 +221,22 @@ class UsageProducer:
             exc: BaseException | None = task.exception()
         else:
             exc = TimeoutError(f"no acknowledgement within {self._timeout_s:g}s")
-            self._abandon(task)
+            abandon(task, self._abandoned)
         if not isinstance(exc, KafkaError | TimeoutError | OSError):
             raise exc  # type: ignore[misc]  # a bug, not an outage: the 500 handler logs it
         log.warning("events: broker did not acknowledge %d records: %r", len(records), exc)
         producer, self._producer = self._producer, None  # the next request starts a fresh one
         if producer is not None:
-            self._abandon(
-                asyncio.create_task(_stop_quietly(producer), name="usage-producer-stop"), cancel=False
+            abandon(
+                asyncio.create_task(_stop_quietly(producer), name="usage-producer-stop"),
+                self._abandoned,
+                cancel=False,
             )
         raise BrokerUnavailable(
             f"the broker did not acknowledge the events within {self._timeout_s:g}s; retry the"
             " batch with the same event ids (an event may already be counted, never twice)"
         ) from None
 
-    def _abandon(self, task: asyncio.Task[None], *, cancel: bool = True) -> None:
-        """Let ``task`` end in the background, keeping a reference until it does."""
-        if cancel:
-            task.cancel()
-        self._abandoned.add(task)
-        task.add_done_callback(self._abandoned.discard)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no warning
 
     async def _send_all(self, records: list[tuple[bytes, bytes]]) -> None:
         producer = await self._get()

@@ -16,6 +16,7 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from spendgate.api.errors import DatabaseUnavailable
+from spendgate.background import abandon
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -33,10 +34,7 @@ async def within(call: Awaitable[T], timeout_s: float, what: str) -> T:
         raise
     if task in done:
         return task.result()
-    task.cancel()
-    _abandoned.add(task)
-    task.add_done_callback(_abandoned.discard)
-    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no warning
+    abandon(task, _abandoned)
     log.warning("postgres did not answer %s within %.1fs", what, timeout_s)
     raise DatabaseUnavailable(
         f"the control-plane database did not answer within {timeout_s:g}s; retry later"
