@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,12 +18,13 @@ from pathlib import Path
 import httpx
 import psutil
 
-from spendgate.adapters.embedded import free_port, start_broker, start_postgres
+from spendgate.adapters.embedded import free_port, port_in_use, start_broker, start_postgres
 from spendgate.adapters.kafka import ensure_topics
 from spendgate.settings import Settings
 from spendgate.store.migrate import apply_migrations
 
 ADMIN_TOKEN = "bench-admin-token-0123456789"
+REDIS_PORT = 6379  # where bench/baselines.py looks for the Redis baseline
 PYTHON = sys.executable
 
 
@@ -43,12 +45,26 @@ class Stack:
         self.bootstrap = self.broker.bootstrap  # type: ignore[attr-defined]
         pgdata = self.workdir / "pg"
         if pgdata.exists():
-            import shutil
-
             shutil.rmtree(pgdata)
         self.pg = start_postgres(pgdata, free_port(), logs / "postgres.log", durable=False)
         self.database_url = self.pg.create_database("spendgate")  # type: ignore[attr-defined]
         apply_migrations(self.database_url)
+        self.start_redis()
+
+    def start_redis(self) -> None:
+        """The Redis baseline's server on 127.0.0.1:6379 (Debian's ``redis-server``), unless one answers."""
+        if port_in_use(REDIS_PORT):
+            return
+        server = shutil.which("redis-server")
+        if server is None:
+            raise RuntimeError("the gate baseline needs redis-server: apt-get install redis-server")
+        argv = [server, "--port", str(REDIS_PORT), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        proc = self.spawn(argv, "redis.log")
+        deadline = time.monotonic() + 10
+        while not port_in_use(REDIS_PORT):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start (see {self.workdir / 'logs' / 'redis.log'})")
+            time.sleep(0.05)
 
     def settings(self, prefix: str) -> Settings:
         return Settings(
