@@ -50,6 +50,40 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(getattr(pytest.mark, marker))
 
 
+_session_loop: asyncio.AbstractEventLoop | None = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def _remember_the_loop() -> None:
+    """The session's event loop, so a timed-out test can show what its tasks were waiting on."""
+    global _session_loop
+    _session_loop = asyncio.get_running_loop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """On a pytest-timeout failure, print every pending asyncio task's stack (the main thread's
+    own stack only shows the event loop's select)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and "Timeout" in str(report.longrepr) and _session_loop is not None:
+        lines = []
+        for task in asyncio.all_tasks(_session_loop):
+            lines.append(f"{task.get_name()}: {' -> '.join(_awaiting(task.get_coro())) or task!r}")
+        report.sections.append(("pending asyncio tasks", "\n".join(lines) or "(none)"))
+
+
+def _awaiting(coro: Any) -> list[str]:
+    """file:line of each coroutine down the chain this one is suspended in."""
+    where = []
+    while coro is not None and len(where) < 20:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            where.append(f"{frame.f_code.co_filename.rsplit('/', 2)[-1]}:{frame.f_lineno}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return where
+
+
 def _docker_answers() -> bool:
     if not (os.environ.get("DOCKER_HOST") or Path("/var/run/docker.sock").exists()):
         return False

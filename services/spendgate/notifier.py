@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 TIMEOUT_S = 5.0
 SUBSCRIPTION_TTL_S = 1.0
 IDLE_POLL_S = 1.0
+STOP_TIMEOUT_S = 10.0
 USER_AGENT = "spendgate-notifier/1"
 
 
@@ -122,21 +123,21 @@ class Notifier:
     async def stop(self) -> None:
         for task in self._loops:
             task.cancel()
-        for task in self._loops:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self._loops:  # a loop stuck in a client call that ignores cancellation is left behind
+            await asyncio.wait(self._loops, timeout=STOP_TIMEOUT_S)
         if self._tasks:  # in-flight attempts: let them finish within their timeout
             await asyncio.wait(self._tasks, timeout=self.timeout_s + 1)
         for task in list(self._tasks):
             task.cancel()
         if self._consumer is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._consumer.stop(), 10)
+                await asyncio.wait_for(self._consumer.stop(), STOP_TIMEOUT_S)
         if self._producer is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._producer.stop(), 10)
+                await asyncio.wait_for(self._producer.stop(), STOP_TIMEOUT_S)
         if self._http is not None:
-            await self._http.aclose()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._http.aclose(), STOP_TIMEOUT_S)
 
     # --- consume: alerts -> durable deliveries -> offsets ----------------------------------------
 
