@@ -41,7 +41,7 @@ from spendgate.api.errors import (
     error_responses,
     response_for,
 )
-from spendgate.api.limits import CONTROL_BODY_LIMIT, EVENTS_BODY_LIMIT, RequestGuard
+from spendgate.api.limits import CONTROL_BODY_LIMIT, EVENTS_BODY_LIMIT, RequestGuard, guarded_body
 from spendgate.api.metrics import GateMetrics
 from spendgate.background import abandon
 from spendgate.domain.authority import Action, BudgetTarget, Denied, GateTarget, Principal, Role, authorize
@@ -371,7 +371,9 @@ def check_handler(gate: Gate, tokens: TokenCache) -> Callable[[Request], Awaitab
 
     async def post_check(request: Request) -> Response:
         await check_caller(request)
-        raw = await _read_capped(request, CONTROL_BODY_LIMIT)  # the RequestGuard capped it already
+        raw = guarded_body(request.scope)
+        if raw is None:  # no body announced, or no guard in front
+            raw = await _read_capped(request, CONTROL_BODY_LIMIT)
         try:
             body = CheckBody.model_validate_json(raw)
         except ValidationError as exc:

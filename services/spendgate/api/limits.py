@@ -55,6 +55,16 @@ def body_limit(path: str) -> int:
     return EVENTS_BODY_LIMIT if path == "/v1/events" else CONTROL_BODY_LIMIT
 
 
+GUARDED_BODY = "guarded_body"
+"""The request state entry holding the body the guard read and checked (see ``guarded_body``)."""
+
+
+def guarded_body(scope: Scope) -> bytes | None:
+    """The body this guard already read, so a hot route need not stream it again."""
+    body: bytes | None = scope.get("state", {}).get(GUARDED_BODY)
+    return body
+
+
 class Refused(Exception):
     """A request refused by the guard: status, code, message and details of the envelope."""
 
@@ -81,8 +91,14 @@ def _decode(raw: bytes, field: str) -> str:
     return text
 
 
+_NEEDS_DECODING = re.compile(rb"[^\x21-\x24\x26-\x7e]")
+"""Anything but printable ASCII other than ``%``: only then can a path or query be unclean."""
+
+
 def check_path(raw_path: bytes, query: bytes) -> None:
     """Raise ``Refused`` (422) unless every path segment and query value is clean UTF-8 text."""
+    if not _NEEDS_DECODING.search(raw_path) and not _NEEDS_DECODING.search(query):
+        return  # the common case (every /v1/check): nothing to decode
     field = "path"
     for segment in raw_path.split(b"/"):
         _decode(segment, field)
@@ -208,6 +224,7 @@ class RequestGuard:
         body = await read_body(receive, declared, body_limit(path))
         if body and api:
             check_json(body)
+        scope.setdefault("state", {})[GUARDED_BODY] = body
         return _replay(body, receive)
 
 
