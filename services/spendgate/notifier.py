@@ -36,7 +36,7 @@ import httpx
 from pydantic import ValidationError
 
 from spendgate.adapters import kafka
-from spendgate.api.webhooks import RESOLVE_TIMEOUT_S, resolve
+from spendgate.adapters.dns import RESOLVE_TIMEOUT_S, resolve
 from spendgate.domain.webhooks import (
     EVENT_ID_HEADER,
     SIGNATURE_HEADER,

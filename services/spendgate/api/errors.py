@@ -1,9 +1,10 @@
 """The HTTP error envelope ``{"error": {"code", "message", "details"}}`` (CONTRACT §4).
 
-Raise an ``ApiError`` subclass anywhere below a route (routes, repositories); the handlers
-installed by ``install_error_handlers(app)`` turn it, ``InvalidInput`` and FastAPI's
-``RequestValidationError`` into the envelope. Unknown exceptions become a 500 envelope with no
-internals in it (they are logged).
+The one place that chooses HTTP statuses. The rules and the store raise ``domain.errors.Failure``
+subclasses and ``store.errors``; ``HTTP_STATUS`` maps them. ``ApiError`` is for what only HTTP
+has (401, 400, 413, the broker's 503s). The handlers installed by ``install_error_handlers(app)``
+turn all of them, ``InvalidInput`` and FastAPI's ``RequestValidationError`` into the envelope.
+Unknown exceptions become a 500 envelope with no internals in it (they are logged).
 """
 
 from __future__ import annotations
@@ -18,16 +19,33 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from spendgate.domain.errors import InvalidInput
+# The rule and store failures are raised from api code too: one import for a route.
+from spendgate.domain.errors import Conflict as Conflict
+from spendgate.domain.errors import Failure, InvalidInput
+from spendgate.domain.errors import Forbidden as Forbidden
+from spendgate.domain.errors import NotFound as NotFound
+from spendgate.domain.errors import Unprocessable as Unprocessable
+from spendgate.store.errors import DatabaseUnavailable as DatabaseUnavailable
+from spendgate.store.errors import StoreError as StoreError
 
 log = logging.getLogger(__name__)
 
 
-class ApiError(Exception):
-    """An error with an HTTP status and a stable machine-readable ``code``."""
+HTTP_STATUS: dict[type[Failure], int] = {
+    Forbidden: 403,
+    NotFound: 404,
+    Conflict: 409,
+    Unprocessable: 422,
+    DatabaseUnavailable: 503,
+    StoreError: 500,
+}
+RETRY_AFTER: dict[type[Failure], str] = {DatabaseUnavailable: "1"}
+
+
+class ApiError(Failure):
+    """A failure only HTTP has, with its own status and headers."""
 
     status: int = 500
-    code: str = "internal"
 
     def __init__(
         self,
@@ -37,12 +55,19 @@ class ApiError(Exception):
         details: Any = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(message)
-        self.message = message
-        if code is not None:
-            self.code = code
-        self.details = details
+        super().__init__(message, code=code, details=details)
         self.headers = dict(headers or {})
+
+
+def status_of(exc: Failure) -> tuple[int, dict[str, str]]:
+    """The HTTP status and headers of a failure."""
+    if isinstance(exc, ApiError):
+        return exc.status, exc.headers
+    for kind in type(exc).__mro__:
+        if kind in HTTP_STATUS:
+            retry = RETRY_AFTER.get(kind)
+            return HTTP_STATUS[kind], {"Retry-After": retry} if retry else {}
+    return 500, {}
 
 
 class NotYetVisible(ApiError):
@@ -75,34 +100,6 @@ class Unauthorized(ApiError):
 
     def __init__(self, message: str = "missing or invalid bearer token", **kw: Any) -> None:
         kw.setdefault("headers", {"WWW-Authenticate": "Bearer"})
-        super().__init__(message, **kw)
-
-
-class Forbidden(ApiError):
-    status, code = 403, "forbidden"
-
-
-class NotFound(ApiError):
-    status, code = 404, "not_found"
-
-
-class Conflict(ApiError):
-    status, code = 409, "conflict"
-
-
-class Unprocessable(ApiError):
-    status, code = 422, "invalid"
-
-
-class DatabaseUnavailable(ApiError):
-    """Postgres is down or the pool is exhausted: retry later (503)."""
-
-    status, code = 503, "database_unavailable"
-
-    def __init__(
-        self, message: str = "the control-plane database is unavailable; retry later", **kw: Any
-    ) -> None:
-        kw.setdefault("headers", {"Retry-After": "1"})
         super().__init__(message, **kw)
 
 
@@ -152,9 +149,10 @@ def invalid_input_response(exc: InvalidInput) -> JSONResponse:
     return error_response(422, "invalid", message, {"field": field})
 
 
-async def _api_error(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ApiError)
-    return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+async def _failure(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Failure)
+    status, headers = status_of(exc)
+    return error_response(status, exc.code, exc.message, exc.details, headers)
 
 
 async def _invalid_input(_: Request, exc: Exception) -> JSONResponse:
@@ -232,7 +230,7 @@ async def response_for(request: Request, exc: Exception) -> JSONResponse:
 
 
 _HANDLERS = (
-    (ApiError, _api_error),
+    (Failure, _failure),
     (InvalidInput, _invalid_input),
     (RequestValidationError, _validation),
     (StarletteHTTPException, _http),
@@ -241,7 +239,7 @@ _HANDLERS = (
 
 def install_error_handlers(app: FastAPI) -> None:
     """Register the envelope handlers on ``app`` (call once in the app factory)."""
-    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(Failure, _failure)
     app.add_exception_handler(InvalidInput, _invalid_input)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)

@@ -6,14 +6,13 @@ cloud-metadata address is refused unless ``SPENDGATE_WEBHOOK_ALLOW_HOSTS`` lists
 notifier before every attempt (DNS may change in between).
 """
 
-import asyncio
-import socket
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from spendgate.adapters.dns import resolve
 from spendgate.api.auth import TokenCache, principal_dependency
 from spendgate.api.errors import Unprocessable, error_responses
 from spendgate.domain.authority import Principal
@@ -29,8 +28,6 @@ from spendgate.domain.webhooks import (
     validate_url,
 )
 from spendgate.store.webhooks import UNSET, WebhookSpec, WebhookStore
-
-RESOLVE_TIMEOUT_S = 2.0
 
 EXAMPLE: dict[str, Any] = {
     "url": "https://hooks.example.com/spendgate",
@@ -92,17 +89,6 @@ class WebhookBody(BaseModel):
                 " (or null for unsigned deliveries, or absent to keep/generate one)"
             )
         return v
-
-
-async def resolve(host: str, timeout_s: float = RESOLVE_TIMEOUT_S) -> list[str]:
-    """The addresses ``host`` resolves to (empty when it does not, within ``timeout_s``)."""
-    try:
-        infos = await asyncio.wait_for(
-            asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM), timeout_s
-        )
-    except (OSError, TimeoutError, UnicodeError):
-        return []
-    return sorted({str(info[4][0]) for info in infos})
 
 
 def webhooks_router(store: WebhookStore, tokens: TokenCache, allow_hosts: Sequence[str] = ()) -> APIRouter:

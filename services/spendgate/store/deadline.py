@@ -15,8 +15,8 @@ import logging
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-from spendgate.api.errors import DatabaseUnavailable
 from spendgate.background import abandon
+from spendgate.store.errors import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

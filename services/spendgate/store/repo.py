@@ -12,9 +12,9 @@ Nothing is published here: the relay (``store.outbox``) produces committed outbo
 so a rolled-back change is never published and a committed one is never lost.
 
 Driver exceptions never leave this module: Postgres down or the pool exhausted raise
-``DatabaseUnavailable`` (503), a lost race on a foreign key raises ``Conflict`` (409), a value
-Postgres refuses (``DataError``, unencodable text) ``Unprocessable`` (422), anything else from
-the driver ``StoreError`` (500).
+``store.errors.DatabaseUnavailable``, a lost race on a foreign key ``Conflict``, a value
+Postgres refuses (``DataError``, unencodable text) ``Unprocessable``, anything else from the
+driver ``StoreError``. Which HTTP status each one is, ``api.errors`` alone decides.
 """
 
 from __future__ import annotations
@@ -34,14 +34,6 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from pydantic import BaseModel
 
-from spendgate.api.errors import (
-    ApiError,
-    Conflict,
-    DatabaseUnavailable,
-    Forbidden,
-    NotFound,
-    Unprocessable,
-)
 from spendgate.domain.authority import (
     Action,
     AuditTarget,
@@ -58,6 +50,7 @@ from spendgate.domain.authority import (
     authorize,
 )
 from spendgate.domain.budgets import Budget, parse_budget
+from spendgate.domain.errors import Conflict, Failure, Forbidden, NotFound, Unprocessable
 from spendgate.domain.scopes import Scope, ScopeKind, encode_id
 from spendgate.domain.tokens import IssuedToken, issue_token
 from spendgate.records import (
@@ -70,6 +63,7 @@ from spendgate.records import (
     TokenRecord,
 )
 from spendgate.store.deadline import within
+from spendgate.store.errors import DatabaseUnavailable, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +74,6 @@ T = TypeVar("T")
 
 MAX_PAGE = 1000
 OUTBOX_CHANNEL = "spendgate_outbox"
-
-
-class StoreError(ApiError):
-    """An unexpected database error (a bug or a schema mismatch); logged, answered 500."""
-
-    status, code = 500, "store_error"
 
 
 # --- spend.config keys (ARCHITECTURE.md) ---------------------------------------------------
@@ -230,10 +218,10 @@ async def open_pool(database_url: str, *, max_size: int = 10, timeout_s: float =
 
 @asynccontextmanager
 async def guard() -> AsyncIterator[None]:
-    """Translate driver exceptions into the API's errors (they never escape the adapter)."""
+    """Translate driver exceptions into the store's failures (they never escape the adapter)."""
     try:
         yield
-    except ApiError:
+    except Failure:
         raise
     except PoolTimeout as exc:
         log.warning("postgres pool timeout: %s", exc)

@@ -22,8 +22,8 @@ from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from spendgate.api.errors import Forbidden, NotFound, Unprocessable
 from spendgate.domain.authority import Denied, Principal
+from spendgate.domain.errors import Forbidden, NotFound, Unprocessable
 from spendgate.domain.scopes import encode_id
 from spendgate.domain.webhooks import (
     ScopePattern,
