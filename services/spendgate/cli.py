@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
-from pydantic import ValidationError
 
-from spendgate.settings import Settings
+from spendgate.settings import Settings, SettingsError, settings_from_env
 
 EXIT_USAGE = 2
 
@@ -43,11 +42,9 @@ def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
 def load_settings(**overrides: Any) -> Settings:
     """Settings from the environment; an invalid value is a one-line error (exit 2)."""
     try:
-        return Settings(**overrides)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else "?"
-        _fail(f"invalid SPENDGATE_{field.upper()}: {first['msg']}")
+        return settings_from_env(**overrides)
+    except SettingsError as exc:
+        _fail(str(exc))
 
 
 # ------------------------------------------------------------------------------ preflight
@@ -241,7 +238,8 @@ def replay(ctx: typer.Context) -> None:
 
     Every option is parsed by spendgate.replay (`spendgate replay --help` lists them)."""
     target = _load("spendgate.replay", "main", "replay")
-    result = target(ctx.args)
+    wants_help = bool({"-h", "--help"} & set(ctx.args))
+    result = target(ctx.args, settings=None if wants_help else load_settings())
     if isinstance(result, int):
         raise typer.Exit(result)
 

@@ -60,7 +60,7 @@ from spendgate.domain.budgets import Budget
 from spendgate.domain.gate_state import state_supersedes
 from spendgate.domain.money import format_usd
 from spendgate.domain.registry import RegistryView
-from spendgate.settings import Settings
+from spendgate.settings import Settings, SettingsError, settings_from_env
 from spendgate.worker.ingest import RawRecord
 
 EXIT_OK, EXIT_DIFF, EXIT_USAGE = 0, 1, 2
@@ -636,7 +636,9 @@ def main(argv: Sequence[str] | None = None, *, settings: Settings | None = None)
     """
     args = list(sys.argv[1:] if argv is None else argv)
     if settings is None and not {"-h", "--help"} & set(args):
-        from spendgate.cli import load_settings
-
-        settings = load_settings()
+        try:
+            settings = settings_from_env()
+        except SettingsError as exc:
+            print(f"spendgate replay: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     return asyncio.run(main_async(args, settings=settings or Settings()))

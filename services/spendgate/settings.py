@@ -9,7 +9,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -75,3 +75,17 @@ class Settings(BaseSettings):
     def topic(self, name: str) -> str:
         """Full topic name for a contract topic short name (``usage`` -> ``spend.usage``)."""
         return f"{self.topic_prefix}{name}"
+
+
+class SettingsError(ValueError):
+    """An environment variable holds an invalid value; the message is one line naming it."""
+
+
+def settings_from_env(**overrides: object) -> Settings:
+    """``Settings`` from the environment, or ``SettingsError`` naming the first bad variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        raise SettingsError(f"invalid SPENDGATE_{field.upper()}: {first['msg']}") from None

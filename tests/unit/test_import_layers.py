@@ -1,0 +1,72 @@
+"""The package's layers: a module may import only from a lower layer (or its own package).
+
+Pure rules at the bottom, I/O adapters above them, services above those, commands on top. A
+back-edge (the store importing the API's errors, the notifier importing a route module, replay
+importing the CLI) is how a codebase starts to need everything to test anything.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import spendgate
+
+LAYERS: dict[str, int] = {
+    "domain": 0,  # windows, money, budgets, authority, check: pure
+    "records": 1,  # the wire records, built on the domain's types
+    "settings": 1,
+    "background": 1,
+    "adapters": 2,  # Kafka, the embedded broker and Postgres, DNS
+    "store": 3,  # Postgres: control plane, outbox (which produces through adapters), webhooks
+    "api": 4,
+    "worker": 4,
+    "notifier": 4,
+    "client": 4,
+    "analysis": 5,  # replay's engine
+    "dev": 5,
+    "integrations": 5,
+    "replay": 6,
+    "cli": 7,
+}
+ROOT = Path(spendgate.__file__).parent
+
+
+def _package_of(path: Path) -> str:
+    return path.relative_to(ROOT).parts[0].removesuffix(".py")
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "spendgate" and len(parts) > 1:
+                found.add(parts[1])
+    return found
+
+
+def test_every_top_level_module_has_a_layer() -> None:
+    modules = {_package_of(p) for p in ROOT.rglob("*.py")} - {"__init__"}
+    assert modules - set(LAYERS) == set(), "give the new module a layer in LAYERS"
+
+
+def test_no_module_imports_a_higher_or_sibling_layer() -> None:
+    back_edges = []
+    for path in sorted(ROOT.rglob("*.py")):
+        package = _package_of(path)
+        if package == "__init__":
+            continue
+        for target in _imports(path) - {package}:
+            if LAYERS[target] >= LAYERS[package]:
+                back_edges.append(f"{path.relative_to(ROOT)} imports spendgate.{target}")
+    assert back_edges == []
+
+
+def test_the_walk_sees_imports_inside_functions_too(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from spendgate.cli import app\n    import spendgate.api.errors\n")
+    assert _imports(module) == {"cli", "api"}
