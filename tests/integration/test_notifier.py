@@ -130,6 +130,7 @@ async def store(settings: Settings) -> AsyncIterator[WebhookStore]:
         yield made
     finally:
         async with pool.connection() as conn:  # each test's webhooks (and deliveries) go
+            await conn.execute("SET statement_timeout = '20s'")  # a lock left behind fails, not hangs
             await conn.execute("DELETE FROM webhooks")
         await pool.close()
 
