@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from fastapi import Request
 from pydantic import SecretStr
 
-from spendgate.api.errors import Forbidden, Unauthorized
-from spendgate.domain.authority import Action, Denied, GateTarget, Principal, Role, authorize
+from spendgate.api.errors import Unauthorized
+from spendgate.domain.authority import Action, GateTarget, Principal, Role, authorize, require
 from spendgate.domain.tokens import hash_token, hashes_match, token_id_of
 from spendgate.records import TokenRecord
 
@@ -93,9 +93,7 @@ def gate_dependency(cache: TokenCache, action: Action) -> Callable[[Request], Aw
 
     async def principal(request: Request) -> Principal:
         found = await resolve(request)
-        decision = authorize(found, action, GateTarget())
-        if isinstance(decision, Denied):
-            raise Forbidden(decision.reason, code=decision.code)
+        require(authorize(found, action, GateTarget()))
         return found
 
     return principal

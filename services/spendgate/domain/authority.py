@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from spendgate.domain.budgets import Budget
+from spendgate.domain.errors import Forbidden
 from spendgate.domain.money import format_usd
 from spendgate.domain.scopes import Scope, ScopeKind
 
@@ -152,6 +153,12 @@ class Denied:
 Decision = Allowed | Denied
 
 ALLOWED = Allowed()
+
+
+def require(decision: Decision) -> None:
+    """Raise ``Forbidden`` (with the denial's code) unless ``decision`` allows."""
+    if isinstance(decision, Denied):
+        raise Forbidden(decision.reason, code=decision.code)
 
 
 def authorize(

@@ -39,7 +39,6 @@ from spendgate.domain.authority import (
     AuditTarget,
     BudgetTarget,
     CollectionTarget,
-    Denied,
     KeyTarget,
     MemberTarget,
     OrgTarget,
@@ -48,10 +47,12 @@ from spendgate.domain.authority import (
     TeamTarget,
     TokenTarget,
     authorize,
+    require,
 )
 from spendgate.domain.budgets import Budget, parse_budget
-from spendgate.domain.errors import Conflict, Failure, Forbidden, NotFound, Unprocessable
-from spendgate.domain.scopes import Scope, ScopeKind, encode_id
+from spendgate.domain.errors import Conflict, Failure, NotFound, Unprocessable
+from spendgate.domain.registry import config_key
+from spendgate.domain.scopes import Scope, ScopeKind
 from spendgate.domain.tokens import IssuedToken, issue_token
 from spendgate.records import (
     BudgetRecord,
@@ -80,27 +81,27 @@ OUTBOX_CHANNEL = "spendgate_outbox"
 
 
 def org_key(org_id: str) -> str:
-    return f"org/{encode_id(org_id)}"
+    return config_key("org", org_id)
 
 
 def team_key(team_id: str) -> str:
-    return f"team/{encode_id(team_id)}"
+    return config_key("team", team_id)
 
 
 def key_key(key_id: str) -> str:
-    return f"key/{encode_id(key_id)}"
+    return config_key("key", key_id)
 
 
 def member_key(team_id: str, user_id: str) -> str:
-    return f"member/{encode_id(team_id)}/{encode_id(user_id)}"
+    return config_key("member", team_id, user_id)
 
 
 def budget_key(scope: Scope | str) -> str:
-    return f"budget/{scope}"
+    return config_key("budget", str(scope))
 
 
 def token_key(token_id: str) -> str:
-    return f"token/{encode_id(token_id)}"
+    return config_key("token", token_id)
 
 
 # --- rows <-> records ----------------------------------------------------------------------
@@ -174,11 +175,6 @@ class Page:
 
     def to_json(self) -> dict[str, Any]:
         return {"items": self.items, "next": self.next}
-
-
-def _check(decision: object) -> None:
-    if isinstance(decision, Denied):
-        raise Forbidden(decision.reason, code=decision.code)
 
 
 def _limit(limit: int) -> int:
@@ -302,7 +298,7 @@ class ControlRepo:
     # --- orgs ------------------------------------------------------------------------------
 
     async def put_org(self, actor: Principal, org_id: str) -> OrgRecord:
-        _check(authorize(actor, Action.WRITE, OrgTarget(org_id)))
+        require(authorize(actor, Action.WRITE, OrgTarget(org_id)))
         key = org_key(org_id)
         async with self._tx() as tx:
             before = await tx.lock_and_get(key, "SELECT * FROM orgs WHERE org_id = %s FOR UPDATE", org_id)
@@ -315,7 +311,7 @@ class ControlRepo:
             return record
 
     async def get_org(self, actor: Principal, org_id: str) -> OrgRecord:
-        _check(authorize(actor, Action.READ, OrgTarget(org_id)))
+        require(authorize(actor, Action.READ, OrgTarget(org_id)))
         async with self._read() as conn:
             row = await _one(conn, "SELECT * FROM orgs WHERE org_id = %s", org_id)
         if row is None:
@@ -323,7 +319,7 @@ class ControlRepo:
         return _org(row)
 
     async def delete_org(self, actor: Principal, org_id: str) -> int:
-        _check(authorize(actor, Action.DELETE, OrgTarget(org_id)))
+        require(authorize(actor, Action.DELETE, OrgTarget(org_id)))
         key = org_key(org_id)
         async with self._tx() as tx:
             before = await tx.lock_and_get(key, "SELECT * FROM orgs WHERE org_id = %s FOR UPDATE", org_id)
@@ -341,14 +337,14 @@ class ControlRepo:
             return await tx.emit(actor, "delete_org", key, _org(before), None)
 
     async def list_orgs(self, actor: Principal, *, limit: int = 100, after: str | None = None) -> Page:
-        _check(authorize(actor, Action.READ, CollectionTarget("orgs")))
+        require(authorize(actor, Action.READ, CollectionTarget("orgs")))
         rows = await self._list("SELECT * FROM orgs WHERE org_id > %s ORDER BY org_id LIMIT %s", after, limit)
         return _page([public(_org(r)) for r in rows], rows, limit, "org_id")  # type: ignore[misc]
 
     # --- teams -----------------------------------------------------------------------------
 
     async def put_team(self, actor: Principal, team_id: str, org_id: str | None) -> TeamRecord:
-        _check(authorize(actor, Action.WRITE, TeamTarget(team_id)))
+        require(authorize(actor, Action.WRITE, TeamTarget(team_id)))
         key = team_key(team_id)
         async with self._tx() as tx:
             before = await tx.lock_and_get(key, "SELECT * FROM teams WHERE team_id = %s FOR UPDATE", team_id)
@@ -374,7 +370,7 @@ class ControlRepo:
             return record
 
     async def get_team(self, actor: Principal, team_id: str) -> TeamRecord:
-        _check(authorize(actor, Action.READ, TeamTarget(team_id)))
+        require(authorize(actor, Action.READ, TeamTarget(team_id)))
         async with self._read() as conn:
             row = await _one(conn, "SELECT * FROM teams WHERE team_id = %s", team_id)
         if row is None:
@@ -382,7 +378,7 @@ class ControlRepo:
         return _team(row)
 
     async def delete_team(self, actor: Principal, team_id: str) -> int:
-        _check(authorize(actor, Action.DELETE, TeamTarget(team_id)))
+        require(authorize(actor, Action.DELETE, TeamTarget(team_id)))
         key = team_key(team_id)
         async with self._tx() as tx:
             before = await tx.lock_and_get(key, "SELECT * FROM teams WHERE team_id = %s FOR UPDATE", team_id)
@@ -435,7 +431,7 @@ class ControlRepo:
             await tx.emit(actor, "revoke_token", key, _token(before), after)
 
     async def list_teams(self, actor: Principal, *, limit: int = 100, after: str | None = None) -> Page:
-        _check(authorize(actor, Action.READ, CollectionTarget("teams")))
+        require(authorize(actor, Action.READ, CollectionTarget("teams")))
         rows = await self._list(
             "SELECT * FROM teams WHERE team_id > %s ORDER BY team_id LIMIT %s", after, limit
         )
@@ -451,7 +447,7 @@ class ControlRepo:
         async with self._tx() as tx:
             before = await tx.lock_and_get(key, "SELECT * FROM keys WHERE key_id = %s FOR UPDATE", key_id)
             in_use, is_member = await self._claim_facts(tx.conn, actor, key_id, before, team_id, user_id)
-            _check(
+            require(
                 authorize(
                     actor,
                     Action.WRITE,
@@ -491,7 +487,7 @@ class ControlRepo:
     async def get_key(self, actor: Principal, key_id: str) -> KeyRecord:
         async with self._read() as conn:
             row = await _one(conn, "SELECT * FROM keys WHERE key_id = %s", key_id)
-        _check(
+        require(
             authorize(
                 actor,
                 Action.READ,
@@ -509,7 +505,7 @@ class ControlRepo:
         key = key_key(key_id)
         async with self._tx() as tx:
             before = await tx.lock_and_get(key, "SELECT * FROM keys WHERE key_id = %s FOR UPDATE", key_id)
-            _check(
+            require(
                 authorize(
                     actor,
                     Action.DELETE,
@@ -574,12 +570,12 @@ class ControlRepo:
         self, actor: Principal, *, team_id: str | None = None, limit: int = 100, after: str | None = None
     ) -> Page:
         if team_id is None:
-            _check(authorize(actor, Action.READ, CollectionTarget("keys")))
+            require(authorize(actor, Action.READ, CollectionTarget("keys")))
             rows = await self._list(
                 "SELECT * FROM keys WHERE key_id > %s ORDER BY key_id LIMIT %s", after, limit
             )
         else:
-            _check(authorize(actor, Action.READ, TeamTarget(team_id)))
+            require(authorize(actor, Action.READ, TeamTarget(team_id)))
             rows = await self._list(
                 "SELECT * FROM keys WHERE team_id = %s AND key_id > %s ORDER BY key_id LIMIT %s",
                 after,
@@ -591,7 +587,7 @@ class ControlRepo:
     # --- members ---------------------------------------------------------------------------
 
     async def put_member(self, actor: Principal, team_id: str, user_id: str) -> MemberRecord:
-        _check(authorize(actor, Action.WRITE, MemberTarget(team_id, user_id)))
+        require(authorize(actor, Action.WRITE, MemberTarget(team_id, user_id)))
         key = member_key(team_id, user_id)
         async with self._tx() as tx:
             before = await tx.lock_and_get(
@@ -611,7 +607,7 @@ class ControlRepo:
             return record
 
     async def get_member(self, actor: Principal, team_id: str, user_id: str) -> MemberRecord:
-        _check(authorize(actor, Action.READ, MemberTarget(team_id, user_id)))
+        require(authorize(actor, Action.READ, MemberTarget(team_id, user_id)))
         async with self._read() as conn:
             row = await _one(
                 conn, "SELECT * FROM members WHERE team_id = %s AND user_id = %s", team_id, user_id
@@ -621,7 +617,7 @@ class ControlRepo:
         return _member(row)
 
     async def delete_member(self, actor: Principal, team_id: str, user_id: str) -> int:
-        _check(authorize(actor, Action.DELETE, MemberTarget(team_id, user_id)))
+        require(authorize(actor, Action.DELETE, MemberTarget(team_id, user_id)))
         key = member_key(team_id, user_id)
         async with self._tx() as tx:
             before = await tx.lock_and_get(
@@ -637,7 +633,7 @@ class ControlRepo:
     async def list_members(
         self, actor: Principal, team_id: str, *, limit: int = 100, after: str | None = None
     ) -> Page:
-        _check(authorize(actor, Action.READ, TeamTarget(team_id)))
+        require(authorize(actor, Action.READ, TeamTarget(team_id)))
         rows = await self._list(
             "SELECT * FROM members WHERE team_id = %s AND user_id > %s ORDER BY user_id LIMIT %s",
             after,
@@ -683,7 +679,7 @@ class ControlRepo:
                 key, "SELECT * FROM budgets WHERE scope = %s FOR UPDATE", str(scope)
             )
             team_of_key, key_exists, parent = await self._budget_context(tx.conn, scope, lock=True)
-            _check(
+            require(
                 authorize(
                     actor,
                     Action.WRITE,
@@ -719,7 +715,7 @@ class ControlRepo:
         async with self._read() as conn:
             row = await _one(conn, "SELECT * FROM budgets WHERE scope = %s", str(scope))
             team_of_key, key_exists, _ = await self._budget_context(conn, scope, lock=False)
-        _check(
+        require(
             authorize(actor, Action.READ, BudgetTarget(scope), team_of_key=team_of_key, key_exists=key_exists)
         )
         if row is None:
@@ -733,7 +729,7 @@ class ControlRepo:
                 key, "SELECT * FROM budgets WHERE scope = %s FOR UPDATE", str(scope)
             )
             team_of_key, key_exists, _ = await self._budget_context(tx.conn, scope, lock=True)
-            _check(
+            require(
                 authorize(
                     actor, Action.DELETE, BudgetTarget(scope), team_of_key=team_of_key, key_exists=key_exists
                 )
@@ -748,12 +744,12 @@ class ControlRepo:
     ) -> Page:
         """Every budget, or (``team_id``) those on the team, its members, and its keys."""
         if team_id is None:
-            _check(authorize(actor, Action.READ, CollectionTarget("budgets")))
+            require(authorize(actor, Action.READ, CollectionTarget("budgets")))
             rows = await self._list(
                 "SELECT * FROM budgets WHERE scope > %s ORDER BY scope LIMIT %s", after, limit
             )
         else:
-            _check(authorize(actor, Action.READ, TeamTarget(team_id)))
+            require(authorize(actor, Action.READ, TeamTarget(team_id)))
             rows = await self._list(
                 "SELECT * FROM budgets WHERE ((kind IN ('team', 'member') AND part1 = %(t)s)"
                 " OR (kind IN ('key', 'key_model')"
@@ -772,7 +768,7 @@ class ControlRepo:
         self, actor: Principal, role: Role, team_id: str | None
     ) -> tuple[IssuedToken, TokenRecord]:
         """A new token; the bearer value is in the returned ``IssuedToken`` only, never stored."""
-        _check(authorize(actor, Action.WRITE, TokenTarget(role, team_id)))
+        require(authorize(actor, Action.WRITE, TokenTarget(role, team_id)))
         if role is Role.TEAM_ADMIN and team_id is None:
             raise Unprocessable("team_id: required for a team_admin token", details={"field": "team_id"})
         if role is not Role.TEAM_ADMIN and team_id is not None:
@@ -803,7 +799,7 @@ class ControlRepo:
 
     async def revoke_token(self, actor: Principal, token_id: str) -> TokenRecord:
         """Revoke a token (idempotent). Revocation is published, never a tombstone."""
-        _check(authorize(actor, Action.DELETE, TokenTarget()))
+        require(authorize(actor, Action.DELETE, TokenTarget()))
         key = token_key(token_id)
         async with self._tx() as tx:
             before = await tx.lock_and_get(
@@ -823,7 +819,7 @@ class ControlRepo:
             return record
 
     async def list_tokens(self, actor: Principal, *, limit: int = 100, after: str | None = None) -> Page:
-        _check(authorize(actor, Action.READ, TokenTarget()))
+        require(authorize(actor, Action.READ, TokenTarget()))
         rows = await self._list(
             "SELECT * FROM tokens WHERE token_id > %s ORDER BY token_id LIMIT %s", after, limit
         )
@@ -839,7 +835,7 @@ class ControlRepo:
 
     async def list_audit(self, actor: Principal, *, limit: int = 100, after: int | None = None) -> Page:
         """Audit rows in the order they were written (``after`` = the last id seen)."""
-        _check(authorize(actor, Action.READ, AuditTarget()))
+        require(authorize(actor, Action.READ, AuditTarget()))
         async with self._read() as conn:
             cur = await conn.execute(
                 "SELECT id, at, actor, actor_role, action, target, before, after FROM audit"

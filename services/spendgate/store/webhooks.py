@@ -22,7 +22,7 @@ from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from spendgate.domain.authority import Denied, Principal
+from spendgate.domain.authority import Principal, require
 from spendgate.domain.errors import Forbidden, NotFound, Unprocessable
 from spendgate.domain.scopes import encode_id
 from spendgate.domain.webhooks import (
@@ -147,16 +147,12 @@ class WebhookStore:
 
     async def _check(self, conn: AsyncConnection[Row], actor: Principal, scopes: Sequence[Any]) -> None:
         patterns = [p if isinstance(p, ScopePattern) else ScopePattern.parse(p) for p in scopes]
-        decision = authorize_webhook(actor, patterns, await self._key_teams(conn, patterns))
-        if isinstance(decision, Denied):
-            raise Forbidden(decision.reason, code=decision.code)
+        require(authorize_webhook(actor, patterns, await self._key_teams(conn, patterns)))
 
     @staticmethod
     def require_manager(actor: Principal) -> None:
         """Viewers and gateways are refused before any lookup (a 404 would leak existence)."""
-        decision = authorize_webhook(actor, [], {})
-        if isinstance(decision, Denied):
-            raise Forbidden(decision.reason, code=decision.code)
+        require(authorize_webhook(actor, [], {}))
 
     # --- subscriptions (control plane) ---------------------------------------------------------
 
