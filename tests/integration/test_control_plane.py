@@ -13,7 +13,7 @@ from psycopg_pool import AsyncConnectionPool
 from pydantic import SecretStr
 
 from spendgate.api.auth import TokenCache
-from spendgate.api.control import control_router
+from spendgate.api.control import install_control_plane
 from spendgate.api.errors import install_error_handlers
 from spendgate.store.repo import ControlRepo, open_pool
 
@@ -28,7 +28,7 @@ def uid(prefix: str) -> str:
 def app_for(repo: ControlRepo) -> FastAPI:
     app = FastAPI()
     install_error_handlers(app)
-    app.include_router(control_router(repo, TokenCache(SecretStr(ADMIN_TOKEN))))
+    install_control_plane(app, repo, TokenCache(SecretStr(ADMIN_TOKEN)))
     return app
 
 

@@ -33,7 +33,7 @@ from psycopg_pool import AsyncConnectionPool
 from spendgate.adapters import kafka
 from spendgate.adapters.follower import Handler, TopicFollower
 from spendgate.api.auth import TokenCache
-from spendgate.api.control import control_router
+from spendgate.api.control import install_control_plane
 from spendgate.api.errors import install_error_handlers
 from spendgate.api.gate import (
     Gate,
@@ -167,7 +167,7 @@ def create_app(settings: Settings, *, follower: TopicFollower | None = None) -> 
     app.state.check_handler = check_handler(gate, tokens)  # also served ahead of the stack by `api`
     app.include_router(gate_router(gate, tokens, producer, app.state.check_handler))
     if repo is not None:
-        app.include_router(control_router(repo, tokens, visibility))
+        install_control_plane(app, repo, tokens, visibility)
         allow = [h.strip() for h in settings.webhook_allow_hosts.split(",") if h.strip()]
         app.include_router(webhooks_router(WebhookStore(repo.pool, timeout_s=repo.timeout_s), tokens, allow))
     app.state.gate = gate

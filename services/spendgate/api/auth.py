@@ -74,15 +74,20 @@ def bearer_of(request: Request) -> str:
     return value.strip() if scheme.lower() == "bearer" else ""
 
 
+def principal_of(request: Request, cache: TokenCache) -> Principal:
+    """The caller's ``Principal``, or ``Unauthorized`` (401 in the error envelope)."""
+    # The RequestGuard authenticated the caller before the body was read; reuse its answer.
+    found = request.scope.get("state", {}).get("principal") or cache.authenticate(bearer_of(request))
+    if found is None:
+        raise Unauthorized()
+    return found  # type: ignore[no-any-return]
+
+
 def principal_dependency(cache: TokenCache) -> Callable[[Request], Awaitable[Principal]]:
     """A FastAPI dependency: the caller's ``Principal``, or 401 in the error envelope."""
 
     async def principal(request: Request) -> Principal:
-        # The RequestGuard authenticated the caller before the body was read; reuse its answer.
-        found = request.scope.get("state", {}).get("principal") or cache.authenticate(bearer_of(request))
-        if found is None:
-            raise Unauthorized()
-        return found
+        return principal_of(request, cache)
 
     return principal
 

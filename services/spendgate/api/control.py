@@ -1,6 +1,7 @@
 """Control-plane routes (CONTRACT §4): tokens, orgs, teams, keys, members, budgets, audit.
 
-Each route parses and validates its input, calls ``ControlRepo`` (which authorizes and writes in
+Each route (module-level; what it needs comes from ``api.deps``) parses and validates its input,
+calls ``ControlRepo`` (which authorizes and writes in
 one transaction) and renders the record. PUT is idempotent: the same body twice is one change
 (the second returns the stored record and writes neither an audit nor an outbox row).
 
@@ -12,13 +13,14 @@ import re
 from typing import Annotated, Any
 from urllib.parse import unquote
 
-from fastapi import APIRouter, Body, Depends, Query, Request, Response
+from fastapi import APIRouter, Body, FastAPI, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from spendgate.api.auth import TokenCache, principal_dependency
+from spendgate.api.auth import TokenCache
+from spendgate.api.deps import After, Caller, Limit, Repo, Written
 from spendgate.api.errors import error_responses
 from spendgate.api.visibility import WriteVisibility
-from spendgate.domain.authority import Principal, Role
+from spendgate.domain.authority import Role
 from spendgate.domain.budgets import parse_budget
 from spendgate.domain.errors import InvalidInput
 from spendgate.domain.scopes import Scope, validate_id
@@ -86,9 +88,6 @@ BUDGET_EXAMPLE = {
     "tz": "UTC",
 }
 
-Limit = Annotated[int, Query(ge=1, le=1000, description="page size")]
-After = Annotated[str | None, Query(description="the `next` cursor of the previous page")]
-
 
 def _raw_tail(request: Request, marker: str) -> str:
     """The still-encoded path after ``marker`` (e.g. ``/v1/budgets/``)."""
@@ -124,202 +123,237 @@ def _team_filter(team_id: str | None) -> str | None:
     return None if team_id is None else validate_id(team_id, field="team_id")
 
 
-VERSION_HEADER = "Spendgate-Version"
-
-
-def control_router(
-    repo: ControlRepo, tokens: TokenCache, visibility: WriteVisibility | None = None
-) -> APIRouter:
-    """The control-plane routes. Also subscribes ``tokens`` to the tokens ``repo`` mints/revokes.
-
-    Every write answers once its change is visible (``visibility``; read-your-writes, CONTRACT
-    §4) and names the change's version in the ``Spendgate-Version`` header (and the body).
-    """
-
-    async def visible(response: Response, version: int) -> None:
-        response.headers[VERSION_HEADER] = str(version)
-        if visibility is not None:
-            await visibility.wait(version)
-
-    async def deleted(version: int) -> Response:
-        response = Response(status_code=204)
-        await visible(response, version)
-        return response
+def install_control_plane(
+    app: FastAPI, repo: ControlRepo, tokens: TokenCache, visibility: WriteVisibility | None = None
+) -> None:
+    """Mount the control plane on ``app``; the token cache follows the tokens ``repo`` mints and
+    revokes at once (not only through ``spend.config``)."""
 
     def on_change(key: str, record: object) -> None:
         if key.startswith("token/") and (record is None or isinstance(record, TokenRecord)):
             tokens.apply(record, unquote(key.removeprefix("token/")))
 
     repo.subscribe(on_change)
-    router = APIRouter(
-        prefix="/v1",
-        tags=["control plane"],
-        responses=error_responses(400, 401, 403, 404, 409, 413, 415, 422, 503),
+    app.state.repo, app.state.tokens, app.state.visibility = repo, tokens, visibility
+    app.include_router(router)
+
+
+router = APIRouter(
+    prefix="/v1",
+    tags=["control plane"],
+    responses=error_responses(400, 401, 403, 404, 409, 413, 415, 422, 503),
+)
+
+# --- tokens ----------------------------------------------------------------------------------
+
+
+@router.post("/tokens", status_code=201, summary="Mint a token (admin); shown once")
+async def mint_token(
+    body: TokenCreate, caller: Caller, repo: Repo, writes: Written, response: Response
+) -> dict[str, Any]:
+    issued, record = await repo.mint_token(caller, body.role, body.team_id)
+    await writes.visible(response, record.version)
+    return {"token": issued.token, **(public(record) or {})}
+
+
+@router.get("/tokens", summary="List tokens (admin; never the token or its hash)")
+async def list_tokens(caller: Caller, repo: Repo, limit: Limit = 100, after: After = None) -> dict[str, Any]:
+    return (await repo.list_tokens(caller, limit=limit, after=_cursor(after))).to_json()
+
+
+@router.delete("/tokens/{token_id}", status_code=204, summary="Revoke a token (idempotent)")
+async def revoke_token(token_id: str, caller: Caller, repo: Repo, writes: Written) -> Response:
+    record = await repo.revoke_token(caller, validate_id(token_id, field="token_id"))
+    return await writes.deleted(record.version)
+
+
+# --- orgs ------------------------------------------------------------------------------------
+
+
+@router.put("/orgs/{org_id}", summary="Create an org (idempotent)")
+async def put_org(
+    org_id: str, caller: Caller, repo: Repo, writes: Written, response: Response, body: OrgBody | None = None
+) -> dict[str, Any]:
+    record = await repo.put_org(caller, validate_id(org_id, field="org_id"))
+    await writes.visible(response, record.version)
+    return public(record) or {}
+
+
+@router.get("/orgs/{org_id}")
+async def get_org(org_id: str, caller: Caller, repo: Repo) -> dict[str, Any]:
+    return public(await repo.get_org(caller, validate_id(org_id, field="org_id"))) or {}
+
+
+@router.delete("/orgs/{org_id}", status_code=204, summary="Delete an org (409 while it has teams)")
+async def delete_org(org_id: str, caller: Caller, repo: Repo, writes: Written) -> Response:
+    return await writes.deleted(await repo.delete_org(caller, validate_id(org_id, field="org_id")))
+
+
+@router.get("/orgs")
+async def list_orgs(caller: Caller, repo: Repo, limit: Limit = 100, after: After = None) -> dict[str, Any]:
+    return (await repo.list_orgs(caller, limit=limit, after=_cursor(after))).to_json()
+
+
+# --- teams and members -----------------------------------------------------------------------
+
+
+@router.put("/teams/{team_id}", summary="Create or change a team (idempotent)")
+async def put_team(
+    team_id: str,
+    caller: Caller,
+    repo: Repo,
+    writes: Written,
+    response: Response,
+    body: TeamBody | None = None,
+) -> dict[str, Any]:
+    org_id = body.org_id if body else None
+    record = await repo.put_team(caller, validate_id(team_id, field="team_id"), org_id)
+    await writes.visible(response, record.version)
+    return public(record) or {}
+
+
+@router.get("/teams/{team_id}")
+async def get_team(team_id: str, caller: Caller, repo: Repo) -> dict[str, Any]:
+    return public(await repo.get_team(caller, validate_id(team_id, field="team_id"))) or {}
+
+
+@router.delete(
+    "/teams/{team_id}", status_code=204, summary="Delete a team (409 while it has keys or members)"
+)
+async def delete_team(team_id: str, caller: Caller, repo: Repo, writes: Written) -> Response:
+    return await writes.deleted(await repo.delete_team(caller, validate_id(team_id, field="team_id")))
+
+
+@router.get("/teams")
+async def list_teams(caller: Caller, repo: Repo, limit: Limit = 100, after: After = None) -> dict[str, Any]:
+    return (await repo.list_teams(caller, limit=limit, after=_cursor(after))).to_json()
+
+
+@router.put("/teams/{team_id}/members/{user_id}", summary="Add a member (idempotent)")
+async def put_member(
+    team_id: str,
+    user_id: str,
+    caller: Caller,
+    repo: Repo,
+    writes: Written,
+    response: Response,
+    body: MemberBody | None = None,
+) -> dict[str, Any]:
+    record = await repo.put_member(
+        caller, validate_id(team_id, field="team_id"), validate_id(user_id, field="user_id")
     )
-    Caller = Annotated[Principal, Depends(principal_dependency(tokens))]
+    await writes.visible(response, record.version)
+    return public(record) or {}
 
-    # --- tokens ----------------------------------------------------------------------------
 
-    @router.post("/tokens", status_code=201, summary="Mint a token (admin); shown once")
-    async def mint_token(body: TokenCreate, caller: Caller, response: Response) -> dict[str, Any]:
-        issued, record = await repo.mint_token(caller, body.role, body.team_id)
-        await visible(response, record.version)
-        return {"token": issued.token, **(public(record) or {})}
-
-    @router.get("/tokens", summary="List tokens (admin; never the token or its hash)")
-    async def list_tokens(caller: Caller, limit: Limit = 100, after: After = None) -> dict[str, Any]:
-        return (await repo.list_tokens(caller, limit=limit, after=_cursor(after))).to_json()
-
-    @router.delete("/tokens/{token_id}", status_code=204, summary="Revoke a token (idempotent)")
-    async def revoke_token(token_id: str, caller: Caller) -> Response:
-        record = await repo.revoke_token(caller, validate_id(token_id, field="token_id"))
-        return await deleted(record.version)
-
-    # --- orgs ------------------------------------------------------------------------------
-
-    @router.put("/orgs/{org_id}", summary="Create an org (idempotent)")
-    async def put_org(
-        org_id: str, caller: Caller, response: Response, body: OrgBody | None = None
-    ) -> dict[str, Any]:
-        record = await repo.put_org(caller, validate_id(org_id, field="org_id"))
-        await visible(response, record.version)
-        return public(record) or {}
-
-    @router.get("/orgs/{org_id}")
-    async def get_org(org_id: str, caller: Caller) -> dict[str, Any]:
-        return public(await repo.get_org(caller, validate_id(org_id, field="org_id"))) or {}
-
-    @router.delete("/orgs/{org_id}", status_code=204, summary="Delete an org (409 while it has teams)")
-    async def delete_org(org_id: str, caller: Caller) -> Response:
-        return await deleted(await repo.delete_org(caller, validate_id(org_id, field="org_id")))
-
-    @router.get("/orgs")
-    async def list_orgs(caller: Caller, limit: Limit = 100, after: After = None) -> dict[str, Any]:
-        return (await repo.list_orgs(caller, limit=limit, after=_cursor(after))).to_json()
-
-    # --- teams and members -----------------------------------------------------------------
-
-    @router.put("/teams/{team_id}", summary="Create or change a team (idempotent)")
-    async def put_team(
-        team_id: str, caller: Caller, response: Response, body: TeamBody | None = None
-    ) -> dict[str, Any]:
-        org_id = body.org_id if body else None
-        record = await repo.put_team(caller, validate_id(team_id, field="team_id"), org_id)
-        await visible(response, record.version)
-        return public(record) or {}
-
-    @router.get("/teams/{team_id}")
-    async def get_team(team_id: str, caller: Caller) -> dict[str, Any]:
-        return public(await repo.get_team(caller, validate_id(team_id, field="team_id"))) or {}
-
-    @router.delete(
-        "/teams/{team_id}", status_code=204, summary="Delete a team (409 while it has keys or members)"
+@router.get("/teams/{team_id}/members/{user_id}")
+async def get_member(team_id: str, user_id: str, caller: Caller, repo: Repo) -> dict[str, Any]:
+    record = await repo.get_member(
+        caller, validate_id(team_id, field="team_id"), validate_id(user_id, field="user_id")
     )
-    async def delete_team(team_id: str, caller: Caller) -> Response:
-        return await deleted(await repo.delete_team(caller, validate_id(team_id, field="team_id")))
+    return public(record) or {}
 
-    @router.get("/teams")
-    async def list_teams(caller: Caller, limit: Limit = 100, after: After = None) -> dict[str, Any]:
-        return (await repo.list_teams(caller, limit=limit, after=_cursor(after))).to_json()
 
-    @router.put("/teams/{team_id}/members/{user_id}", summary="Add a member (idempotent)")
-    async def put_member(
-        team_id: str, user_id: str, caller: Caller, response: Response, body: MemberBody | None = None
-    ) -> dict[str, Any]:
-        record = await repo.put_member(
-            caller, validate_id(team_id, field="team_id"), validate_id(user_id, field="user_id")
-        )
-        await visible(response, record.version)
-        return public(record) or {}
+@router.delete("/teams/{team_id}/members/{user_id}", status_code=204)
+async def delete_member(team_id: str, user_id: str, caller: Caller, repo: Repo, writes: Written) -> Response:
+    version = await repo.delete_member(
+        caller, validate_id(team_id, field="team_id"), validate_id(user_id, field="user_id")
+    )
+    return await writes.deleted(version)
 
-    @router.get("/teams/{team_id}/members/{user_id}")
-    async def get_member(team_id: str, user_id: str, caller: Caller) -> dict[str, Any]:
-        record = await repo.get_member(
-            caller, validate_id(team_id, field="team_id"), validate_id(user_id, field="user_id")
-        )
-        return public(record) or {}
 
-    @router.delete("/teams/{team_id}/members/{user_id}", status_code=204)
-    async def delete_member(team_id: str, user_id: str, caller: Caller) -> Response:
-        version = await repo.delete_member(
-            caller, validate_id(team_id, field="team_id"), validate_id(user_id, field="user_id")
-        )
-        return await deleted(version)
+@router.get("/teams/{team_id}/members")
+async def list_members(
+    team_id: str, caller: Caller, repo: Repo, limit: Limit = 100, after: After = None
+) -> dict[str, Any]:
+    page = await repo.list_members(
+        caller, validate_id(team_id, field="team_id"), limit=limit, after=_cursor(after)
+    )
+    return page.to_json()
 
-    @router.get("/teams/{team_id}/members")
-    async def list_members(
-        team_id: str, caller: Caller, limit: Limit = 100, after: After = None
-    ) -> dict[str, Any]:
-        page = await repo.list_members(
-            caller, validate_id(team_id, field="team_id"), limit=limit, after=_cursor(after)
-        )
-        return page.to_json()
 
-    # --- keys ------------------------------------------------------------------------------
+# --- keys ------------------------------------------------------------------------------------
 
-    @router.put("/keys/{key_id:path}", summary="Register or change a key (idempotent)")
-    async def put_key(
-        request: Request, key_id: str, caller: Caller, response: Response, body: KeyBody | None = None
-    ) -> dict[str, Any]:
-        body = body or KeyBody()
-        record = await repo.put_key(caller, _key_id_of(request), body.user_id, body.team_id)
-        await visible(response, record.version)
-        return public(record) or {}
 
-    @router.get("/keys/{key_id:path}")
-    async def get_key(request: Request, key_id: str, caller: Caller) -> dict[str, Any]:
-        return public(await repo.get_key(caller, _key_id_of(request))) or {}
+@router.put("/keys/{key_id:path}", summary="Register or change a key (idempotent)")
+async def put_key(
+    request: Request,
+    key_id: str,
+    caller: Caller,
+    repo: Repo,
+    writes: Written,
+    response: Response,
+    body: KeyBody | None = None,
+) -> dict[str, Any]:
+    body = body or KeyBody()
+    record = await repo.put_key(caller, _key_id_of(request), body.user_id, body.team_id)
+    await writes.visible(response, record.version)
+    return public(record) or {}
 
-    @router.delete("/keys/{key_id:path}", status_code=204)
-    async def delete_key(request: Request, key_id: str, caller: Caller) -> Response:
-        return await deleted(await repo.delete_key(caller, _key_id_of(request)))
 
-    @router.get("/keys", summary="List keys (all, or of one team with ?team_id=)")
-    async def list_keys(
-        caller: Caller, team_id: str | None = None, limit: Limit = 100, after: After = None
-    ) -> dict[str, Any]:
-        page = await repo.list_keys(caller, team_id=_team_filter(team_id), limit=limit, after=_cursor(after))
-        return page.to_json()
+@router.get("/keys/{key_id:path}")
+async def get_key(request: Request, key_id: str, caller: Caller, repo: Repo) -> dict[str, Any]:
+    return public(await repo.get_key(caller, _key_id_of(request))) or {}
 
-    # --- budgets ---------------------------------------------------------------------------
 
-    @router.put("/budgets/{scope:path}", summary="Set the budget of a scope (idempotent)")
-    async def put_budget(
-        request: Request,
-        scope: str,
-        caller: Caller,
-        response: Response,
-        body: Annotated[dict[str, Any], Body(examples=[BUDGET_EXAMPLE])],
-    ) -> dict[str, Any]:
-        parsed_scope = _scope_of(request)
-        budget = parse_budget(body)
-        record = await repo.put_budget(caller, parsed_scope, budget, limits_null=body.get("limits") is None)
-        await visible(response, record.version)
-        return public(record) or {}
+@router.delete("/keys/{key_id:path}", status_code=204)
+async def delete_key(request: Request, key_id: str, caller: Caller, repo: Repo, writes: Written) -> Response:
+    return await writes.deleted(await repo.delete_key(caller, _key_id_of(request)))
 
-    @router.get("/budgets/{scope:path}")
-    async def get_budget(request: Request, scope: str, caller: Caller) -> dict[str, Any]:
-        return public(await repo.get_budget(caller, _scope_of(request))) or {}
 
-    @router.delete("/budgets/{scope:path}", status_code=204)
-    async def delete_budget(request: Request, scope: str, caller: Caller) -> Response:
-        return await deleted(await repo.delete_budget(caller, _scope_of(request)))
+@router.get("/keys", summary="List keys (all, or of one team with ?team_id=)")
+async def list_keys(
+    caller: Caller, repo: Repo, team_id: str | None = None, limit: Limit = 100, after: After = None
+) -> dict[str, Any]:
+    page = await repo.list_keys(caller, team_id=_team_filter(team_id), limit=limit, after=_cursor(after))
+    return page.to_json()
 
-    @router.get("/budgets", summary="List budgets (all, or of one team's scopes with ?team_id=)")
-    async def list_budgets(
-        caller: Caller, team_id: str | None = None, limit: Limit = 100, after: After = None
-    ) -> dict[str, Any]:
-        page = await repo.list_budgets(
-            caller, team_id=_team_filter(team_id), limit=limit, after=_cursor(after)
-        )
-        return page.to_json()
 
-    # --- audit -----------------------------------------------------------------------------
+# --- budgets ---------------------------------------------------------------------------------
 
-    @router.get("/audit", summary="The audit log, oldest first (admin)")
-    async def list_audit(
-        caller: Caller, limit: Limit = 100, after: Annotated[int | None, Query()] = None
-    ) -> dict[str, Any]:
-        return (await repo.list_audit(caller, limit=limit, after=after)).to_json()
 
-    return router
+@router.put("/budgets/{scope:path}", summary="Set the budget of a scope (idempotent)")
+async def put_budget(
+    request: Request,
+    scope: str,
+    caller: Caller,
+    repo: Repo,
+    writes: Written,
+    response: Response,
+    body: Annotated[dict[str, Any], Body(examples=[BUDGET_EXAMPLE])],
+) -> dict[str, Any]:
+    parsed_scope = _scope_of(request)
+    budget = parse_budget(body)
+    record = await repo.put_budget(caller, parsed_scope, budget, limits_null=body.get("limits") is None)
+    await writes.visible(response, record.version)
+    return public(record) or {}
+
+
+@router.get("/budgets/{scope:path}")
+async def get_budget(request: Request, scope: str, caller: Caller, repo: Repo) -> dict[str, Any]:
+    return public(await repo.get_budget(caller, _scope_of(request))) or {}
+
+
+@router.delete("/budgets/{scope:path}", status_code=204)
+async def delete_budget(
+    request: Request, scope: str, caller: Caller, repo: Repo, writes: Written
+) -> Response:
+    return await writes.deleted(await repo.delete_budget(caller, _scope_of(request)))
+
+
+@router.get("/budgets", summary="List budgets (all, or of one team's scopes with ?team_id=)")
+async def list_budgets(
+    caller: Caller, repo: Repo, team_id: str | None = None, limit: Limit = 100, after: After = None
+) -> dict[str, Any]:
+    page = await repo.list_budgets(caller, team_id=_team_filter(team_id), limit=limit, after=_cursor(after))
+    return page.to_json()
+
+
+# --- audit -----------------------------------------------------------------------------------
+
+
+@router.get("/audit", summary="The audit log, oldest first (admin)")
+async def list_audit(
+    caller: Caller, repo: Repo, limit: Limit = 100, after: Annotated[int | None, Query()] = None
+) -> dict[str, Any]:
+    return (await repo.list_audit(caller, limit=limit, after=after)).to_json()

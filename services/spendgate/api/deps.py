@@ -1,0 +1,56 @@
+"""What a control-plane route may ask for, as ``Annotated`` dependencies (one home).
+
+Everything comes from ``app.state``, which ``install_control_plane`` (called by ``create_app``)
+fills: the routes are module-level and hold no references of their own.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Query, Request, Response
+
+from spendgate.api.auth import principal_of
+from spendgate.api.visibility import WriteVisibility
+from spendgate.domain.authority import Principal
+from spendgate.store.repo import ControlRepo
+
+VERSION_HEADER = "Spendgate-Version"
+
+
+async def _caller(request: Request) -> Principal:
+    return principal_of(request, request.app.state.tokens)
+
+
+def _repo(request: Request) -> ControlRepo:
+    repo: ControlRepo = request.app.state.repo
+    return repo
+
+
+class Writes:
+    """How a write answers: once its change is visible (read-your-writes, CONTRACT §4), naming
+    the change's version in the ``Spendgate-Version`` header."""
+
+    def __init__(self, visibility: WriteVisibility | None) -> None:
+        self.visibility = visibility
+
+    async def visible(self, response: Response, version: int) -> None:
+        response.headers[VERSION_HEADER] = str(version)
+        if self.visibility is not None:
+            await self.visibility.wait(version)
+
+    async def deleted(self, version: int) -> Response:
+        response = Response(status_code=204)
+        await self.visible(response, version)
+        return response
+
+
+def _writes(request: Request) -> Writes:
+    return Writes(getattr(request.app.state, "visibility", None))
+
+
+Caller = Annotated[Principal, Depends(_caller)]
+Repo = Annotated[ControlRepo, Depends(_repo)]
+Written = Annotated[Writes, Depends(_writes)]
+Limit = Annotated[int, Query(ge=1, le=1000, description="page size")]
+After = Annotated[str | None, Query(description="the `next` cursor of the previous page")]
