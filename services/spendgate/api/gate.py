@@ -35,7 +35,6 @@ from spendgate.api.auth import TokenCache, gate_dependency, principal_dependency
 from spendgate.api.errors import (
     ApiError,
     BadRequest,
-    Forbidden,
     Unprocessable,
     describe_errors,
     error_responses,
@@ -44,7 +43,15 @@ from spendgate.api.errors import (
 from spendgate.api.limits import CONTROL_BODY_LIMIT, EVENTS_BODY_LIMIT, RequestGuard, guarded_body
 from spendgate.api.metrics import GateMetrics
 from spendgate.background import abandon
-from spendgate.domain.authority import Action, BudgetTarget, Denied, GateTarget, Principal, Role, authorize
+from spendgate.domain.authority import (
+    Action,
+    BudgetTarget,
+    GateTarget,
+    Principal,
+    Role,
+    authorize,
+    require,
+)
 from spendgate.domain.check import CheckRequest, CheckResult, check, degraded, scope_bindings
 from spendgate.domain.errors import InvalidInput
 from spendgate.domain.gate_state import GateState, is_current
@@ -527,8 +534,7 @@ def _authorize_read(caller: Principal, scope: Scope, state: GateState) -> None:
             info = state.registry.keys.get(scope.parts[0])
             team_of_key = info.team_id if info else None
         decision = authorize(caller, Action.READ, BudgetTarget(scope), team_of_key=team_of_key)
-    if isinstance(decision, Denied):
-        raise Forbidden(decision.reason, code=decision.code)
+    require(decision)
 
 
 def health_router(gate: Gate, metrics: GateMetrics) -> APIRouter:
