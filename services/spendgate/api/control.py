@@ -9,7 +9,6 @@ Ids travel percent-encoded in paths; key ids and budget scopes are read from the
 encoded ``/`` (``key_model:k1/openai%2Fgpt-4o``) stays inside its id part.
 """
 
-import re
 from typing import Annotated, Any
 from urllib.parse import unquote
 
@@ -19,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from spendgate.api.auth import TokenCache
 from spendgate.api.deps import After, Caller, Limit, Repo, Written
 from spendgate.api.errors import error_responses
+from spendgate.api.paths import id_in_path, scope_in_path
 from spendgate.api.visibility import WriteVisibility
 from spendgate.domain.authority import Role
 from spendgate.domain.budgets import parse_budget
@@ -26,8 +26,6 @@ from spendgate.domain.errors import InvalidInput
 from spendgate.domain.scopes import Scope, validate_id
 from spendgate.records import TokenRecord
 from spendgate.store.repo import ControlRepo, public
-
-_SCOPE_HEAD = re.compile(r"^([a-z_]+)(?::|%3[aA])(.*)$")
 
 
 def _valid_id(value: str | None, field: str) -> str | None:
@@ -89,26 +87,12 @@ BUDGET_EXAMPLE = {
 }
 
 
-def _raw_tail(request: Request, marker: str) -> str:
-    """The still-encoded path after ``marker`` (e.g. ``/v1/budgets/``)."""
-    raw: bytes = request.scope.get("raw_path") or request.url.path.encode()
-    text = raw.decode("latin-1").split("?", 1)[0]
-    index = text.find(marker)
-    return text[index + len(marker) :] if index >= 0 else ""
-
-
 def _scope_of(request: Request) -> Scope:
-    tail = _raw_tail(request, "/v1/budgets/")
-    match = _SCOPE_HEAD.match(tail)
-    return Scope.parse(f"{match.group(1)}:{match.group(2)}" if match else unquote(tail))
+    return scope_in_path(request, "/v1/budgets/")
 
 
 def _key_id_of(request: Request) -> str:
-    try:
-        key_id = unquote(_raw_tail(request, "/v1/keys/"), errors="strict")
-    except UnicodeDecodeError:
-        raise InvalidInput("not valid percent-encoded UTF-8", field="key_id") from None
-    return validate_id(key_id, field="key_id")
+    return id_in_path(request, "/v1/keys/", "key_id")
 
 
 def _cursor(after: str | None) -> str | None:

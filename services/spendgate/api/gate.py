@@ -14,7 +14,6 @@ it answers 503 and the gateway retries the whole batch (events are deduplicated 
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -42,6 +41,7 @@ from spendgate.api.errors import (
 )
 from spendgate.api.limits import CONTROL_BODY_LIMIT, EVENTS_BODY_LIMIT, RequestGuard, guarded_body
 from spendgate.api.metrics import GateMetrics
+from spendgate.api.paths import scope_in_path
 from spendgate.background import abandon
 from spendgate.domain.authority import (
     Action,
@@ -294,19 +294,6 @@ class CheckBody(BaseModel):
         )
 
 
-_SCOPE_HEAD = re.compile(r"^([a-z_]+)(?::|%3[aA])(.*)$")
-
-
-def _scope_from_path(request: Request) -> Scope:
-    """The scope after ``/v1/spend/``, read from the raw path so an encoded ``/`` stays in its id."""
-    raw: bytes = request.scope.get("raw_path") or request.url.path.encode()
-    text = raw.decode("latin-1").split("?", 1)[0]
-    marker = "/v1/spend/"
-    tail = text[text.find(marker) + len(marker) :] if marker in text else ""
-    match = _SCOPE_HEAD.match(tail)
-    return Scope.parse(f"{match.group(1)}:{match.group(2)}" if match else unquote(tail))
-
-
 async def _read_capped(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -515,7 +502,7 @@ def gate_router(
     @router.get("/spend/{scope:path}", summary="Spend, limits and remaining of one scope (viewer+)")
     async def get_spend(request: Request, scope: str, caller: Caller) -> dict[str, Any]:
         try:
-            parsed = _scope_from_path(request)
+            parsed = scope_in_path(request, "/v1/spend/")
         except InvalidInput as exc:
             raise Unprocessable(f"scope: {exc.reason}", details={"field": "scope"}) from None
         text = str(parsed)
