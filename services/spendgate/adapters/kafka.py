@@ -265,7 +265,34 @@ def producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
         **client_security(settings),
     }
     options.update(overrides)
-    return AIOKafkaProducer(**options)
+    return track_every_topic(AIOKafkaProducer(**options))
+
+
+def track_every_topic(producer: AIOKafkaProducer) -> AIOKafkaProducer:
+    """Make ``producer`` keep the metadata of every topic it sends to; returns it. Idempotent.
+
+    Works around an aiokafka 0.14 bug that stalled the worker on Apache Kafka: its client
+    refreshes metadata only for the topics it *tracks* (all topics while it tracks none), and a
+    send to a topic already present in the metadata does not track it. Once any other topic is
+    tracked (Faust sends to a changelog it created after the producer started), the next refresh
+    -- any new topic, NotLeaderForPartition, a broker going down -- drops the untracked topic:
+    a batch already queued for it has no leader and waits for refreshes that never include it
+    until the batch expires (Faust's producer: 20 minutes). Tracking the topic before every
+    send (a set lookup) keeps it in every refresh.
+    """
+    client = producer.client
+    wait_on_metadata = client._wait_on_metadata
+    if getattr(wait_on_metadata, "tracks_every_topic", False):
+        return producer
+
+    async def tracking_wait_on_metadata(topic: str) -> Any:
+        if topic not in client._topics:
+            client.add_topic(topic)
+        return await wait_on_metadata(topic)
+
+    tracking_wait_on_metadata.tracks_every_topic = True  # type: ignore[attr-defined]
+    client._wait_on_metadata = tracking_wait_on_metadata
+    return producer
 
 
 def consumer(settings: Settings, *topics: str, **overrides: Any) -> AIOKafkaConsumer:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -39,6 +41,8 @@ from faust.types import ChannelT, EventT, RecordMetadata
 
 from spendgate.settings import Settings
 from spendgate.worker import recovery_fix
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "FETCH_MAX_WAIT_MS",
@@ -61,6 +65,10 @@ __all__ = [
 #: Tansu); 10-20 ms made no progress catching up on Tansu, 100 ms serves both latency and
 #: catch-up (see FAUST-NOTES.md).
 FETCH_MAX_WAIT_MS = 100
+
+#: Faust's producer request timeout, also aiokafka's batch expiry (a batch whose partition has
+#: no known leader fails after this long) and the broker-side ProduceRequest timeout.
+PRODUCER_REQUEST_TIMEOUT_S = 60.0
 
 #: Table stores the worker supports (``SPENDGATE_WORKER_STORE``). ``rocksdict://`` is
 #: :mod:`spendgate.worker.rocks_store` (Faust's RocksDB store with the rocksdict driver and a
@@ -116,6 +124,17 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
             return None
 
 
+class _Producer(faust_aiokafka.Producer):
+    """Faust's producer whose aiokafka client keeps every topic it sends to in its metadata
+    (``adapters.kafka.track_every_topic``: without it a batch could wait 20 minutes for a
+    leader after a broker restart)."""
+
+    def _new_producer(self, transactional_id: str | None = None) -> Any:
+        from spendgate.adapters.kafka import track_every_topic
+
+        return track_every_topic(super()._new_producer(transactional_id))
+
+
 def _transport_class(fetch_max_wait_ms: int) -> type[faust_aiokafka.Transport]:
     thread_cls = type("SpendgateConsumerThread", (_ConsumerThread,), {"fetch_max_wait_ms": fetch_max_wait_ms})
 
@@ -125,6 +144,7 @@ def _transport_class(fetch_max_wait_ms: int) -> type[faust_aiokafka.Transport]:
 
     class _Transport(faust_aiokafka.Transport):
         Consumer = _Consumer
+        Producer = _Producer
 
     return _Transport
 
@@ -199,6 +219,9 @@ def make_app(
         broker_heartbeat_interval=min(0.5, session_timeout / 4),
         broker_rebalance_timeout=session_timeout,
         broker_request_timeout=30.0,
+        # Faust's default is 20 minutes, which is also how long a batch without a leader waits
+        # before it fails (aiokafka's batch expiry): a flush must give up far sooner.
+        producer_request_timeout=PRODUCER_REQUEST_TIMEOUT_S,
         broker_commit_interval=1.0,
         consumer_auto_offset_reset="earliest",
         topic_partitions=settings.partitions,
@@ -384,16 +407,71 @@ def _persist_offset(store: Any, fut: asyncio.Future) -> None:
         store.set_persisted_offset(meta.topic_partition, meta.offset)
 
 
+#: A flush still waiting after this long logs the producer's pending batches (and again every
+#: this many seconds): which partition, its leader, the in-flight requests.
+FLUSH_REPORT_AFTER_S = 15.0
+
+
 async def flush(app: faust.App, futures: Iterable[asyncio.Future] = ()) -> list[Any]:
     """Send everything Faust has buffered and wait for the broker's acks.
 
     Waits for ``futures`` (from :func:`write_in_partition`, ``table.send_changelog`` or
     ``await channel.send(...)``) and returns their results; raises the first send error. Without
     ``futures`` it only drains the producer (aiokafka's flush never raises, so a failed send
-    would go unnoticed -- pass the futures whenever durability matters).
+    would go unnoticed -- pass the futures whenever durability matters). A wait longer than
+    :data:`FLUSH_REPORT_AFTER_S` is logged with the producer's state (:func:`producer_report`).
     """
+    waiting = asyncio.ensure_future(_flush_and_gather(app, list(futures)))
+    started = time.monotonic()
+    while True:
+        try:
+            done, _ = await asyncio.wait([waiting], timeout=FLUSH_REPORT_AFTER_S)
+        except asyncio.CancelledError:
+            waiting.cancel()
+            raise
+        if done:
+            return waiting.result()
+        log.warning(
+            "flush: waiting %.0fs for the broker's acks; %s", time.monotonic() - started, producer_report(app)
+        )
+
+
+async def _flush_and_gather(app: faust.App, futures: list[asyncio.Future]) -> list[Any]:
     await app.producer.flush()
     return list(await asyncio.gather(*futures))
+
+
+def producer_report(app: faust.App) -> str:
+    """One line on what the worker's aiokafka producer is waiting for (best effort, no I/O)."""
+    try:
+        producer: Any = app.producer._producer  # type: ignore[attr-defined]
+        if producer is None:
+            return "no producer"
+        acc, sender, client = producer._message_accumulator, producer._sender, producer.client
+        now = time.monotonic()
+        queued = [
+            f"{tp.topic}/{tp.partition}(leader {client.cluster.leader_for_partition(tp)}, "
+            f"{len(batches)} queued, oldest {now - batches[0]._ctime:.0f}s)"
+            for tp, batches in acc._batches.items()
+            if batches
+        ]
+        pending = [
+            f"{b.tp.topic}/{b.tp.partition}(leader {client.cluster.leader_for_partition(b.tp)}, "
+            f"age {now - b._ctime:.0f}s, tries {b.retry_count})"
+            for b in acc._pending_batches
+        ]
+        conns = [
+            f"node {node}/{group.name} {'up' if conn.connected() else 'down'} {len(conn._requests)} in flight"
+            for (node, group), conn in client._conns.items()
+        ]
+        task = sender.sender_task
+        return (
+            f"queued {queued[:8]} ({len(queued)}); sent, unanswered {pending[:8]} ({len(pending)}); "
+            f"in-flight nodes {sorted(sender._in_flight)}; muted {len(sender._muted_partitions)}; "
+            f"sender {'done' if task is not None and task.done() else 'running'}; conns {conns}"
+        )
+    except Exception as exc:  # noqa: BLE001 - a diagnostic must never break the flush
+        return f"(no report: {exc!r})"
 
 
 async def send_many(
