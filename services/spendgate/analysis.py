@@ -34,6 +34,7 @@ from zoneinfo import ZoneInfo
 from spendgate.domain.attribution import scopes_for
 from spendgate.domain.budgets import NO_BUDGET, Budget, parse_budget
 from spendgate.domain.decide import ScopeStatus, decide
+from spendgate.domain.holds import MEMORY_S, HoldBook
 from spendgate.domain.ledger import ScopeLedger, WindowSpend
 from spendgate.domain.money import format_usd, parse_usd
 from spendgate.domain.registry import RegistryView
@@ -102,6 +103,7 @@ class Rebuild:
     end: float | None = None
     horizon_s: float = float("inf")  # the worker's dedupe horizon; infinite: never forget an id
     seen: SeenIds = field(init=False)
+    holds: HoldBook = field(init=False)
     ledgers: dict[str, ScopeLedger] = field(default_factory=dict)
     charges: list[Charge] = field(default_factory=list)
     positions: dict[int, int] = field(default_factory=dict)  # partition -> next offset
@@ -113,6 +115,7 @@ class Rebuild:
 
     def __post_init__(self) -> None:
         self.seen = SeenIds(self.horizon_s)
+        self.holds = HoldBook(MEMORY_S)
 
     @property
     def filtered(self) -> bool:
@@ -127,7 +130,13 @@ class Rebuild:
             if record.timestamp is not None:
                 clock[record.partition] = max(record.timestamp, clock.get(record.partition, 0.0))
         plan, _ = plan_with_seen(
-            self.seen, records, now=clock, progress={}, registry=self.registry, topic=self.topic
+            self.seen,
+            records,
+            now=clock,
+            progress={},
+            registry=self.registry,
+            topic=self.topic,
+            holds=self.holds,
         )
         self.records += len(records)
         self.duplicates += plan.duplicates
@@ -173,7 +182,7 @@ class Rebuild:
             ledger = ledgers.get(delta.scope)
             if ledger is None:
                 ledger = ledgers[delta.scope] = ScopeLedger()
-            ledger.apply(delta.partition, delta.last, delta.minutes)
+            ledger.apply(delta.partition, delta.last, delta.minutes, delta.holds)
 
 
 def rebuild(
@@ -414,7 +423,9 @@ def diff_live(
     """Compare the rebuilt spend with the latest ``spend.state`` record of every scope.
 
     For each live record: its ``total`` and every window it lists (summed over the record's own
-    ``[start, resets_at)``, so the budget or time zone it was computed with does not matter).
+    ``[start, resets_at)``, so the budget or time zone it was computed with does not matter),
+    and ``reserved_usd`` (the rebuilt holds at the record's ``as_of``: expiry is event time, so
+    the same log says the same thing about the same instant; window ``reserved:<window>``).
     A rebuilt scope with spend but no live record is a difference too. Sorted by scope.
     """
     out: list[Difference] = []
@@ -441,6 +452,12 @@ def diff_live(
             live_nanos = parse_usd(w["spend_usd"])
             if live_nanos != rebuilt:
                 out.append(Difference(scope, name, format_usd(live_nanos), format_usd(rebuilt)))
+            if "reserved_usd" in w:
+                as_of = datetime.fromisoformat(str(record["as_of"]).replace("Z", "+00:00")).timestamp()
+                held = ledger.reserved(int(as_of * 1000))
+                live_held = parse_usd(w["reserved_usd"])
+                if live_held != held:
+                    out.append(Difference(scope, f"reserved:{name}", format_usd(live_held), format_usd(held)))
     return out
 
 

@@ -94,12 +94,18 @@ class Tokens(BaseModel):
 
 
 class UsageEvent(Record):
-    """One gateway event on ``spend.usage``. Unknown extra fields are ignored, not rejected."""
+    """One gateway event on ``spend.usage``. Unknown extra fields are ignored, not rejected.
+
+    ``kind``: ``cost`` (the default) charges ``cost_usd`` and settles the hold of its
+    ``request_id`` if one is outstanding; ``request`` charges nothing; ``hold`` reserves
+    ``estimated_cost_usd`` for ``request_id`` until settled, released or ``hold_ttl_s`` after
+    ``occurred_at``; ``release`` ends the hold of ``request_id`` (CONTRACT §2, holds).
+    """
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     event_id: Annotated[str, Field(min_length=1, max_length=128)]
-    kind: Literal["cost", "request"] = "cost"
+    kind: Literal["cost", "request", "hold", "release"] = "cost"
     occurred_at: AwareDatetime
     key_id: Id
     end_user_id: Id | None = None
@@ -112,10 +118,17 @@ class UsageEvent(Record):
     user_id: Id | None = None
     team_id: Id | None = None
     org_id: Id | None = None
+    hold_ttl_s: Annotated[int, Field(ge=1, le=3600)] | None = Field(
+        default=None, description="kind hold: seconds after occurred_at the hold expires (default 600)"
+    )
 
     def model_post_init(self, _context: Any) -> None:
         if self.kind == "cost" and self.cost_usd is None:
             raise ValueError("cost_usd is required when kind is 'cost'")
+        if self.kind in ("hold", "release") and not self.request_id:
+            raise ValueError(f"request_id is required when kind is '{self.kind}'")
+        if self.kind == "hold" and self.estimated_cost_usd is None:
+            raise ValueError("estimated_cost_usd is required when kind is 'hold'")
 
     @property
     def charge_nanos(self) -> int:
@@ -179,6 +192,9 @@ class StateWindow(BaseModel):
     start: Timestamp | None
     resets_at: Timestamp | None
     spend_usd: Usd
+    reserved_usd: Usd = Field(
+        default=0, description="held by outstanding holds at as_of (counts until holds_expire_at at most)"
+    )
 
 
 class State(Record):
@@ -188,6 +204,11 @@ class State(Record):
     as_of: Timestamp
     source: Source | None = None
     watermarks: Watermarks | None = None
+    holds_expire_at: Timestamp | None = Field(
+        default=None,
+        description="when the last hold counted in reserved_usd expires: a reader counts reserved_usd "
+        "only before it (a worker that stopped can never leave money held past the TTL)",
+    )
     windows: list[StateWindow]
 
 

@@ -442,6 +442,9 @@ MATRIX: list[Row] = [
     row("check", "POST", "/v1/check", 200, 403, 403, 403, 200, body={"key_id": "kT"}),
     row("authorize", "GET", "/v1/authorize?key_id=kT", 200, 403, 403, 403, 200),
     row("ingest events", "POST", "/v1/events", 202, 403, 403, 403, 202, body=[EVENT]),
+    row("reserving check", "POST", "/v1/check", 200, 403, 403, 403, 200,
+        body={"key_id": "kT", "reserve": True, "request_id": "{new}", "estimated_cost_usd": "0.01"}),
+    row("release a hold", "DELETE", "/v1/holds/{new}?key_id=kT", 204, 403, 403, 403, 204),
     # --- gate: spend of every scope kind
     row("spend of team T", "GET", f"/v1/spend/team:{T}", 200, 200, 403, 200, 200),
     row("spend of a member of T", "GET", f"/v1/spend/member:{T}/alice", 200, 200, 403, 200, 200),

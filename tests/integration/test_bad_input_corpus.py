@@ -21,6 +21,8 @@ from tests.integration.test_gate import running, wait_ready
 from spendgate.api.app import create_app
 from spendgate.settings import Settings
 
+pytestmark = pytest.mark.broker_agnostic  # see pyproject.toml: make test-kafka skips it
+
 ADMIN_TOKEN = "corpus-admin-" + uuid.uuid4().hex
 JSON = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
 FORM = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/x-www-form-urlencoded"}
@@ -239,6 +241,51 @@ CORPUS: list[tuple[str, str, str, dict[str, str], bytes | None, int, str, str]] 
     ("check over 64 KiB", "POST", "/v1/check", JSON, BIG, 413, "payload_too_large", "body: "),
     ("unauthenticated big", "PUT", "/v1/budgets/team:t1", NO_AUTH, BIG, 401, "unauthorized", "bearer"),
     ("unknown field team", "PUT", "/v1/teams/t1", JSON, b'{"colour": "red"}', 422, "invalid", "colour"),
+    # --- holds ---
+    (
+        "reserve without request_id",
+        "POST",
+        "/v1/check",
+        JSON,
+        b'{"key_id": "k1", "reserve": true, "estimated_cost_usd": "0.01"}',
+        422,
+        "invalid",
+        "reserve needs request_id and estimated_cost_usd",
+    ),
+    (
+        "reserve without estimate",
+        "POST",
+        "/v1/check",
+        JSON,
+        b'{"key_id": "k1", "reserve": true, "request_id": "r1"}',
+        422,
+        "invalid",
+        "reserve needs request_id and estimated_cost_usd",
+    ),
+    (
+        "hold ttl over an hour",
+        "POST",
+        "/v1/check",
+        JSON,
+        b'{"key_id": "k1", "reserve": true, "request_id": "r1", "estimated_cost_usd": "1", '
+        b'"hold_ttl_s": 3601}',
+        422,
+        "invalid",
+        "hold_ttl_s",
+    ),
+    ("reserve 2", "POST", "/v1/check", JSON, b'{"key_id": "k", "reserve": 2}', 422, "invalid", "reserve"),
+    (
+        "hold event without request_id",
+        "POST",
+        "/v1/events",
+        JSON,
+        events(kind="hold", cost_usd=None, estimated_cost_usd="1"),
+        422,
+        "invalid",
+        "no event",
+    ),
+    ("release a hold without key_id", "DELETE", "/v1/holds/r1", JSON, None, 422, "invalid", "key_id"),
+    ("release key newline", "DELETE", "/v1/holds/r?key_id=a%0Ab", JSON, None, 422, "invalid", "key_id"),
 ]
 
 

@@ -349,6 +349,7 @@ async def test_check_authorize_and_spend_over_http(gate_client: tuple[httpx.Asyn
         "limit_usd": "10",
         "remaining_usd": "0.5",
         "soft_usd": None,
+        "reserved_usd": "0",
         "resets_at": iso(day_bounds()[1]),
     }
     assert spend["windows"][-1]["window"] == "total"

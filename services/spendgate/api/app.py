@@ -43,6 +43,7 @@ from spendgate.api.gate import (
     gate_router,
     health_router,
 )
+from spendgate.api.holds import HoldAppender, Holds, holds_router
 from spendgate.api.limits import RequestGuard
 from spendgate.api.metrics import GateMetrics
 from spendgate.api.visibility import WriteVisibility
@@ -100,6 +101,8 @@ def create_app(settings: Settings, *, follower: TopicFollower | None = None) -> 
     producer = UsageProducer(
         lambda: kafka.producer(settings), settings.topic("usage"), settings.dependency_timeout_s
     )
+    holds = Holds(HoldAppender(lambda: kafka.producer(settings), settings.topic("usage"), state), producer)
+    gate.holds = holds
 
     pool: AsyncConnectionPool | None = None
     repo: ControlRepo | None = None
@@ -142,6 +145,7 @@ def create_app(settings: Settings, *, follower: TopicFollower | None = None) -> 
             if relay is not None:
                 await relay.stop()
             await probe.close()
+            await holds.close()
             await producer.close()
             await the_follower.stop()
             if pool is not None:
@@ -166,6 +170,7 @@ def create_app(settings: Settings, *, follower: TopicFollower | None = None) -> 
     app.include_router(health_router(gate, metrics))
     app.state.check_handler = check_handler(gate, tokens)  # also served ahead of the stack by `api`
     app.include_router(gate_router(gate, tokens, producer, app.state.check_handler))
+    app.include_router(holds_router(gate, holds, tokens))
     if repo is not None:
         install_control_plane(app, repo, tokens, visibility)
         allow = [h.strip() for h in settings.webhook_allow_hosts.split(",") if h.strip()]

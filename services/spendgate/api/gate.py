@@ -26,7 +26,7 @@ from aiokafka.errors import KafkaError
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.types import ASGIApp, Receive, Send
 from starlette.types import Scope as AsgiScope
 
@@ -39,6 +39,7 @@ from spendgate.api.errors import (
     error_responses,
     response_for,
 )
+from spendgate.api.holds import Holds
 from spendgate.api.limits import CONTROL_BODY_LIMIT, EVENTS_BODY_LIMIT, RequestGuard, guarded_body
 from spendgate.api.metrics import GateMetrics
 from spendgate.api.paths import scope_in_path
@@ -124,6 +125,8 @@ class FollowerStatus(Protocol):
 
 class Gate:
     """The check service: the materialized state, how fresh it is, and the fail mode."""
+
+    holds: "Holds | None" = None  # reserving checks (api.holds); set by the app factory
 
     def __init__(
         self,
@@ -280,6 +283,14 @@ class CheckBody(BaseModel):
     org_id: Id | None = None
     estimated_cost_usd: CostUsd | None = None
     request_id: Annotated[str, Field(max_length=256)] | None = None
+    reserve: bool = Field(False, description="hold estimated_cost_usd for request_id when allowed")
+    hold_ttl_s: Annotated[int, Field(ge=1, le=3600)] | None = Field(None, description="default 600")
+
+    @model_validator(mode="after")
+    def _reserve_needs_request_and_estimate(self) -> "CheckBody":
+        if self.reserve and (not self.request_id or self.estimated_cost_usd is None):
+            raise ValueError("reserve needs request_id and estimated_cost_usd")
+        return self
 
     def to_request(self) -> CheckRequest:
         return CheckRequest(
@@ -316,6 +327,7 @@ def spend_view(scope: str, state: GateState, now: float) -> dict[str, Any]:
     """``GET /v1/spend/{scope}``: every budget window plus ``total``, from the materialized state."""
     budget = state.budgets.get(scope)
     held = state.states.get(scope)
+    reserved = state.held(scope, now)  # what holds keep: counted in every current window
     windows: list[dict[str, Any]] = []
     seen: set[str] = set()
 
@@ -326,8 +338,9 @@ def spend_view(scope: str, state: GateState, now: float) -> dict[str, Any]:
                 "window": window,
                 "spend_usd": format_usd(spend),
                 "limit_usd": None if limit is None else format_usd(limit),
-                "remaining_usd": None if limit is None else format_usd(max(0, limit - spend)),
+                "remaining_usd": None if limit is None else format_usd(max(0, limit - spend - reserved)),
                 "soft_usd": None if soft is None else format_usd(soft),
+                "reserved_usd": format_usd(reserved),
                 "resets_at": resets,
             }
         )
@@ -344,7 +357,7 @@ def spend_view(scope: str, state: GateState, now: float) -> dict[str, Any]:
             add(w.window, w.spend, None, None, w.resets_at_text)
     if "total" not in seen:
         add("total", 0, None, None, None)
-    blocked = bool(scope_bindings(scope, state.decisions.get(scope), budget, held, now))
+    blocked = bool(scope_bindings(scope, state.decisions.get(scope), budget, held, now, None, reserved))
     if not blocked and scope.startswith("key:"):
         key = state.registry.keys.get(unquote(scope[4:]))
         blocked = key is not None and key.revoked  # every check of a revoked key is denied
@@ -374,7 +387,11 @@ def check_handler(gate: Gate, tokens: TokenCache) -> Callable[[Request], Awaitab
             raise RequestValidationError(
                 [{**err, "loc": ("body", *err["loc"])} for err in exc.errors(include_url=False)]
             ) from None
-        result, lag = gate.judge(body.to_request())
+        if body.reserve and gate.holds is not None:
+            assert body.request_id is not None  # the model requires it with reserve
+            result, lag = gate.holds.reserve(gate, body.to_request(), body.request_id, body.hold_ttl_s)
+        else:
+            result, lag = gate.judge(body.to_request())
         return Response(orjson.dumps(result.to_json(lag)), media_type="application/json")
 
     return post_check

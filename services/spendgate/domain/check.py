@@ -8,7 +8,9 @@ the set binds when
     window never resets), or
 (b) it has a budget with a limit whose current window (the state entry with
     ``start <= now < resets_at``; an entry whose window is over counts as 0 spend) has
-    ``spend >= limit``, or, with an estimate ``e``, ``spend + e > limit``.
+    ``spend + reserved >= limit``, or, with an estimate ``e``, ``spend + reserved + e > limit``,
+    where ``reserved`` is what holds keep on the scope (``GateState.held``: its state record's,
+    and this gate's own not reflected there yet; 0 without holds).
 
 A request is allowed only if no scope binds. A deny is data: ``CheckResult(allowed=False, …)``.
 
@@ -60,6 +62,7 @@ class Binding:
     resets_at: float | None
     resets_at_text: str | None = None
     code: str | None = None  # ``key_revoked``; None for a budget window
+    reserved: Nanos = 0  # held by outstanding holds; shown as ``reserved_usd`` when not 0
 
     def to_json(self) -> dict[str, Any]:
         resets = self.resets_at_text
@@ -74,6 +77,8 @@ class Binding:
         }
         if self.code is not None:
             out["code"] = self.code
+        if self.reserved:
+            out["reserved_usd"] = format_usd(self.reserved)
         return out
 
 
@@ -114,14 +119,18 @@ def check(request: CheckRequest, state: GateState, now: float) -> CheckResult:
     budgets = state.budgets
     states = state.states
     estimate = request.estimated_cost_nanos
+    holding = bool(state.reserved or state.local.pending)
     found: list[Binding] | None = None
     for scope in scopes_for(request, state.registry):
         decision = decisions.get(scope)
         budget = budgets.get(scope)
         unblocked = decision is None or not decision[1]  # then only rule (b) can bind
-        if unblocked and (budget is None or not _over_budget(budget, states.get(scope), now, estimate)):
+        held = state.held(scope, now) if holding and budget is not None else 0
+        if unblocked and (
+            budget is None or not _over_budget(budget, states.get(scope), now, estimate, held)
+        ):
             continue
-        bindings = scope_bindings(scope, decision, budget, states.get(scope), now, estimate)
+        bindings = scope_bindings(scope, decision, budget, states.get(scope), now, estimate, held)
         if bindings:
             if found is None:
                 found = bindings
@@ -144,7 +153,9 @@ def revoked(key_id: str, state: GateState) -> CheckResult:
     return CheckResult(False, (Binding(scope, "total", spend, 0, None, None, KEY_REVOKED),), None)
 
 
-def _over_budget(budget: CompiledBudget, state: HeldState | None, now: float, estimate: Nanos | None) -> bool:
+def _over_budget(
+    budget: CompiledBudget, state: HeldState | None, now: float, estimate: Nanos | None, reserved: Nanos = 0
+) -> bool:
     """Rule (b) as a yes/no on plain tuples and one dict: the hot path of an allowed request."""
     by_window = state[2] if state is not None else _NO_WINDOWS
     for window, cap in budget[2]:
@@ -155,6 +166,7 @@ def _over_budget(budget: CompiledBudget, state: HeldState | None, now: float, es
             start, resets, spend = held
             if resets is not None and not ((start is None or start <= now) and now < resets):
                 spend = 0  # that window is over: nothing spent in the current one yet
+        spend += reserved
         if spend >= cap or (estimate is not None and spend + estimate > cap):
             return True
     return False
@@ -170,6 +182,7 @@ def scope_bindings(
     state: HeldState | None,
     now: float,
     estimate: Nanos | None = None,
+    reserved: Nanos = 0,
 ) -> list[Binding]:
     """The windows of one scope that bind at ``now`` (rules (a) and (b)), one per window.
 
@@ -195,10 +208,11 @@ def scope_bindings(
                         spend, resets_at, resets_text, known = held.spend, r, held.resets_at_text, True
                     break
             cap = limit.max_nanos
-            if spend >= cap or (estimate is not None and spend + estimate > cap):
+            used = spend + reserved
+            if used >= cap or (estimate is not None and used + estimate > cap):
                 if not known and not limit.spec.is_total:
                     resets_at = float(window_bounds(limit.spec, int(now), budget.zone)[1])
-                out[window] = Binding(scope, window, spend, cap, resets_at, resets_text)
+                out[window] = Binding(scope, window, spend, cap, resets_at, resets_text, None, reserved)
     return list(out.values())
 
 

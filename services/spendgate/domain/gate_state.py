@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
+from spendgate.domain.holds import LocalHolds
 from spendgate.domain.money import NANOS_PER_USD, Nanos, parse_usd
 from spendgate.domain.registry import ConfigChange, RegistryView
 from spendgate.domain.windows import WindowSpec
@@ -127,7 +128,7 @@ def epoch(value: object) -> float | None:
 class GateState:
     """The gate's materialized view. Not thread-safe: one event loop applies and reads it."""
 
-    __slots__ = ("registry", "decisions", "states", "budgets", "records_applied")
+    __slots__ = ("registry", "decisions", "states", "budgets", "records_applied", "reserved", "local")
 
     def __init__(self, registry: RegistryView | None = None) -> None:
         self.registry = registry if registry is not None else RegistryView()
@@ -135,6 +136,11 @@ class GateState:
         self.states: dict[str, HeldState] = {}
         self.budgets: dict[str, CompiledBudget] = {}
         self.records_applied = 0
+        #: scope -> (nanos held per its latest state record, until when: epoch s) for scopes
+        #: whose record shows holds; the check counts them only before ``until``
+        self.reserved: dict[str, tuple[Nanos, float]] = {}
+        #: holds this gate placed that no state record reflects yet (``domain.holds``)
+        self.local = LocalHolds()
         for scope in self.registry.budgets:
             self._compile(scope)
 
@@ -187,6 +193,8 @@ class GateState:
         """Apply one ``spend.state`` record; False when older than the held one (module docstring)."""
         self.records_applied += 1
         if value is None:
+            if key is not None:
+                self.reserved.pop(key, None)
             return key is not None and self.states.pop(key, None) is not None
         scope = value["scope"]
         as_of = epoch(value["as_of"]) or 0.0
@@ -210,7 +218,29 @@ class GateState:
         self.states[scope] = HeldState(
             as_of, windows, {w.window: (w.start, w.resets_at, w.spend) for w in windows}, marks
         )
+        held = max(
+            (nanos(w["reserved_usd"]) for w in value.get("windows") or () if "reserved_usd" in w), default=0
+        )
+        until = epoch(value.get("holds_expire_at")) if held else None
+        if held and until is not None:
+            self.reserved[scope] = (held, until)
+        else:
+            self.reserved.pop(scope, None)
+        if self.local.pending:
+            self.local.reflect(scope, marks)
         return True
+
+    def held(self, scope: str, now: float) -> Nanos:
+        """Nano-dollars held on ``scope`` at ``now``: its state record's holds (until they
+        expire) plus the holds this gate placed that the record does not reflect yet."""
+        local = self.local
+        if local.pending:
+            local.expire(now)
+        extra = local.pending.get(scope, 0)
+        reserved = self.reserved.get(scope)
+        if reserved is not None and now < reserved[1]:
+            extra += reserved[0]
+        return extra
 
     # --- read -----------------------------------------------------------------------------
 

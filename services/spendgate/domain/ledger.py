@@ -29,6 +29,11 @@ from minute buckets, exact when the window started within ``MINUTE_RETENTION`` m
 
 Window sums are cached per (window, zone, start) and kept current as deltas apply; the cache
 is derived data and never persisted.
+
+Holds (``domain.holds``): the hot record also keeps the scope's outstanding holds (hold id ->
+``[nanos, expires_at_ms]``), changed by the hold ops of a delta when the hot record admits it,
+so they are exactly as idempotent as the charges. :meth:`ScopeLedger.reserved` is what they
+hold at an instant (expired ones count nothing, whether pruned yet or not).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
+from spendgate.domain import holds as hold_ops
 from spendgate.domain.windows import WindowSpec, window_bounds
 
 MINUTE = 60
@@ -57,6 +63,7 @@ class HotRecord:
     minutes: dict[int, int] = field(default_factory=dict)  # epoch minute -> nanos
     watermarks: dict[int, int] = field(default_factory=dict)  # source partition -> last offset
     days: dict[int, dict[int, int]] = field(default_factory=dict)  # epoch day -> quarter -> nanos
+    holds: dict[str, list[int]] = field(default_factory=dict)  # hold id -> [nanos, expires_at_ms]
 
     def to_json(self) -> dict[str, object]:
         """A JSON-ready copy, but with integer keys: dump it with ``orjson.OPT_NON_STR_KEYS``
@@ -64,6 +71,8 @@ class HotRecord:
         out: dict[str, object] = {"t": self.total, "m": dict(self.minutes), "w": dict(self.watermarks)}
         if self.days:  # absent in records written before days lived here: same format then
             out["d"] = {d: dict(qs) for d, qs in self.days.items()}
+        if self.holds:  # likewise absent without holds
+            out["h"] = {hid: list(h) for hid, h in self.holds.items()}
         return out
 
     @classmethod
@@ -71,7 +80,9 @@ class HotRecord:
         minutes = raw.get("m") or {}
         marks = raw.get("w") or {}
         days = raw.get("d") or {}
+        holds = raw.get("h") or {}
         assert isinstance(minutes, dict) and isinstance(marks, dict) and isinstance(days, dict)
+        assert isinstance(holds, dict)
         total = raw.get("t", 0)
         assert isinstance(total, int)
         return cls(
@@ -79,6 +90,7 @@ class HotRecord:
             {int(k): int(v) for k, v in minutes.items()},
             {int(k): int(v) for k, v in marks.items()},
             {int(d): {int(q): int(n) for q, n in qs.items()} for d, qs in days.items()},
+            {str(k): [int(h[0]), int(h[1])] for k, h in holds.items()},
         )
 
 
@@ -143,12 +155,19 @@ class ScopeLedger:
     def total(self) -> int:
         return self.hot.total
 
-    def apply(self, partition: int, last_offset: int, minutes: Mapping[int, int]) -> list[int]:
-        """Apply a delta (epoch minute -> nanos) from ``partition`` up to ``last_offset``.
+    def apply(
+        self,
+        partition: int,
+        last_offset: int,
+        minutes: Mapping[int, int],
+        holds: Iterable[hold_ops.HoldOp] = (),
+    ) -> list[int]:
+        """Apply a delta (epoch minute -> nanos, and hold ops) from ``partition`` up to
+        ``last_offset``.
 
-        Idempotent per record. Returns the ids of the records it changed (``HOT`` or an epoch
-        day, also for a day exported from the hot record) so the caller persists exactly those;
-        after they are durable, call :meth:`settle`.
+        Idempotent per record (hold ops go with the hot record). Returns the ids of the records
+        it changed (``HOT`` or an epoch day, also for a day exported from the hot record) so the
+        caller persists exactly those; after they are durable, call :meth:`settle`.
         """
         dirty: list[int] = []
         hot = self.hot
@@ -163,6 +182,8 @@ class ScopeLedger:
                 hot_minutes[minute] = hot_minutes.get(minute, 0) + nanos
                 if counting:
                     self._count(minute * MINUTE, nanos, from_quarters=False)
+            if holds:
+                hold_ops.apply_ops(hot.holds, holds)
             hot.watermarks[partition] = last_offset
             if len(hot_minutes) > MINUTE_RETENTION:  # prune only when there may be old buckets
                 horizon = max(hot_minutes) - MINUTE_RETENTION
@@ -216,6 +237,10 @@ class ScopeLedger:
         """Drop the hot copies of exported days: call once their day records are durable."""
         for day in [day for day in self.hot.days if day in self.days]:
             del self.hot.days[day]
+
+    def reserved(self, now_ms: int) -> int:
+        """Nano-dollars held by this scope's outstanding holds at ``now_ms`` (epoch ms)."""
+        return hold_ops.reserved(self.hot.holds, now_ms) if self.hot.holds else 0
 
     def quarters(self, day: int) -> dict[int, int]:
         """Quarter-hour buckets of an epoch day, from its authoritative record."""

@@ -29,6 +29,7 @@ from faust.tables.base import Collection
 from faust.types import TP
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from spendgate.domain import holds as hold_ops
 from spendgate.domain.decide import decide
 from spendgate.domain.ledger import HOT, DayRecord, HotRecord, ScopeLedger
 from spendgate.domain.registry import ConfigChange, RegistryView
@@ -88,7 +89,10 @@ class Worker:
         self.sources: dict[str, Source] = {}  # the last usage event (or config change) per scope
         self.due: list[tuple[float, str]] = []
         self.seen_ids = SeenIds(settings.dedupe_horizon_h * 3600)
+        self.hold_book = hold_ops.HoldBook()
         self.seen_generation: int | None = None
+        #: scope -> the hold expiry it is due at (so a scope is queued once per expiry)
+        self.hold_due: dict[str, float] = {}
         #: Set by ``worker.main``: returns once the registry holds every ``spend.config`` record
         #: acknowledged before the call (read-your-writes; see ``ingest``).
         self.config_barrier: Callable[[], Awaitable[None]] | None = None
@@ -149,6 +153,8 @@ class Worker:
         for p in partitions:
             if not self.seen_ids.is_loaded(p):
                 self.seen_ids.load(p, items_in_partition(self.seen, p))
+            if not self.hold_book.is_loaded(p):
+                self.hold_book.load(p, items_in_partition(self.seen, p))
         progress = {p: int(get_in_partition(self.progress, p, str(p), -1)) for p in partitions}
         plan, seen_writes = plan_with_seen(
             self.seen_ids,
@@ -157,6 +163,7 @@ class Worker:
             progress=progress,
             registry=self.registry,
             topic=self.usage.get_topic_name(),
+            holds=self.hold_book,
         )
         futures = []
         for p in partitions:
@@ -188,6 +195,7 @@ class Worker:
         generation = self.app.consumer_generation_id
         if generation != self.seen_generation:
             self.seen_ids = SeenIds(self.settings.dedupe_horizon_h * 3600)
+            self.hold_book = hold_ops.HoldBook()
             self.seen_generation = generation
 
     def _record_lag(self, last_offsets: dict[int, int]) -> None:
@@ -245,11 +253,15 @@ class Worker:
         self.dirty = {scope: source for scope, source in self.dirty.items() if not lost(scope)}
         self.sources = {scope: source for scope, source in self.sources.items() if not lost(scope)}
         self.due = [(at, scope) for at, scope in self.due if not lost(scope)]
+        self.hold_due = {}
         self.publisher.forget_where(lost)
         self.publisher.published.clear()  # readers may hold another owner's decisions now
         now = time.time()
         for scope in self.registry.budgets:
             if not lost(scope):
+                self.due.append((now, scope))
+        for scope, ledger in self.ledgers.items():
+            if ledger.hot.holds:  # its reserved_usd may have changed while nobody owned it
                 self.due.append((now, scope))
         heapq.heapify(self.due)
         self.ledgers_built_for = (generation, owned)
@@ -297,7 +309,7 @@ class Worker:
                 for delta in decode_bundle(event.message.value or b"[]"):
                     scope = delta.scope
                     ledger = ledgers.get(scope) or self._ledger(scope)
-                    dirty = ledger.apply(delta.partition, delta.last, delta.minutes)
+                    dirty = ledger.apply(delta.partition, delta.last, delta.minutes, delta.holds)
                     for record_id in dirty:
                         dirty_in[scope, record_id] = ledger
                     if len(dirty) > 1 or (dirty and dirty[0] != HOT):
@@ -328,8 +340,32 @@ class Worker:
         now = time.time()
         for scope, (partition, offset) in touched.items():
             self.dirty[scope] = self.sources[scope] = Source(partition=partition, offset=offset)
+            self._due_at_hold_expiry(scope, ledgers[scope], now)
         budgets = self.registry.budgets
         await self._publish([(scope, self.sources[scope]) for scope in touched if scope in budgets], now)
+
+    def _due_at_hold_expiry(self, scope: str, ledger: ScopeLedger, now: float) -> None:
+        """Queue the scope for its next hold expiry, so its state (``reserved_usd``) and its
+        decision are published again the moment a hold stops counting."""
+        if not ledger.hot.holds:
+            return
+        following, _ = hold_ops.expiry(ledger.hot.holds, int(now * 1000))
+        if following is None:
+            self.hold_due.pop(scope, None)
+            ledger.hot.holds.clear()  # all expired: they never count again (written with the next delta)
+            return
+        at = following / 1000 + 0.05
+        if self.hold_due.get(scope) != at:
+            self.hold_due[scope] = at
+            heapq.heappush(self.due, (at, scope))
+
+    def _holds_of(self, scope: str, ledger: ScopeLedger, now: float) -> tuple[int, float | None]:
+        """What the scope's holds reserve at ``now`` and when the last of them expires."""
+        if not ledger.hot.holds:
+            return 0, None
+        now_ms = int(now * 1000)
+        _, last = hold_ops.expiry(ledger.hot.holds, now_ms)
+        return ledger.reserved(now_ms), None if last is None else last / 1000
 
     def _source(self, scope: str) -> Source | None:
         """What a record about ``scope`` reflects: its last delta, else what its ledger has seen."""
@@ -424,10 +460,20 @@ class Worker:
                     continue  # its partition left: the new owner publishes it
                 ledger = self._ledger(scope)
                 status = decide(self.registry.budget(scope), ledger, int(now))
+                held, until = self._holds_of(scope, ledger, now)
+                self._due_at_hold_expiry(scope, ledger, now)
                 records.append(
                     (
                         scope.encode(),
-                        state_json(scope, status, now, source or self._source(scope), ledger.hot.watermarks),
+                        state_json(
+                            scope,
+                            status,
+                            now,
+                            source or self._source(scope),
+                            ledger.hot.watermarks,
+                            held,
+                            until,
+                        ),
                     )
                 )
             futures = await self._enqueue_keyed(self.outputs["decisions"], decisions)

@@ -7,11 +7,15 @@ Exactly once without transactions (the embedded broker has none):
    gateways key events by ``key_id``). An id already seen at *another* place (partition and
    offset) is a duplicate and dropped; seen at *this* place means the record is being replayed
    after a crash.
-3. Charges are aggregated per scope into minute buckets. Events at offsets above the
-   partition's ``progress`` (never emitted before) form one delta per (partition, scope) whose
-   ``last`` is the batch's last offset in that partition. Events at or below ``progress`` may
-   already have been emitted, so each becomes its own delta (``first == last == offset``): the
-   ledger's per-record watermark then applies exactly the ones that were lost.
+3. Holds (``kind: "hold"``, settles, releases) are planned against the ``HoldBook``
+   (``domain.holds``): an add op for each scope of a new hold, an end op for each scope of the
+   hold a settle or release ends, in log order, exactly once per request.
+4. Charges are aggregated per scope into minute buckets, hold ops appended in order. Events
+   at offsets above the partition's ``progress`` (never emitted before) form one delta per
+   (partition, scope) whose ``last`` is the batch's last offset in that partition. Events at or
+   below ``progress`` may already have been emitted, so each becomes its own delta (``first ==
+   last == offset``): the ledger's per-record watermark then applies exactly the ones that
+   were lost.
 
 The caller persists ``seen_new`` and ``progress`` durably, then emits the deltas, then lets the
 offsets be committed: in that order.
@@ -28,6 +32,7 @@ import orjson
 from pydantic import ValidationError
 
 from spendgate.domain.attribution import scopes_for
+from spendgate.domain.holds import HoldBook, HoldOp, expires_at_ms, hold_id
 from spendgate.domain.registry import RegistryView
 from spendgate.records import DeadLetter, UsageEvent
 
@@ -43,13 +48,17 @@ class RawRecord:
 
 @dataclass(slots=True)
 class Delta:
-    """Charges of one scope from one source partition, up to ``last`` (internal topic record)."""
+    """Charges of one scope from one source partition, up to ``last`` (internal topic record).
+
+    ``holds``: ordered hold ops (``domain.holds``), applied with the charges, atomically.
+    """
 
     scope: str
     partition: int
     first: int
     last: int
     minutes: dict[int, int] = field(default_factory=dict)
+    holds: list[HoldOp] = field(default_factory=list)
 
     def add(self, minute: int, nanos: int) -> None:
         self.minutes[minute] = self.minutes.get(minute, 0) + nanos
@@ -83,10 +92,15 @@ def encode_bundle(deltas: Sequence[Delta]) -> bytes:
     Bundling keeps stage B's per-record framework cost per batch, not per scope; order inside
     a bundle is kept, so per-source-partition offset order per scope still holds. Each delta is
     a flat array ``[scope, p, first, last, minute, nanos, minute, nanos, ...]``: stage B decodes
-    tens of thousands a second, and integer keys need no string round trip.
+    tens of thousands a second, and integer keys need no string round trip. A delta with hold
+    ops ends with one more element, ``{"h": [op, ...]}`` (odd length).
     """
     return orjson.dumps(
-        [[d.scope, d.partition, d.first, d.last, *(x for m in d.minutes.items() for x in m)] for d in deltas]
+        [
+            [d.scope, d.partition, d.first, d.last, *(x for m in d.minutes.items() for x in m)]
+            + ([{"h": d.holds}] if d.holds else [])
+            for d in deltas
+        ]
     )
 
 
@@ -95,9 +109,10 @@ def decode_bundle(raw: bytes) -> list[Delta]:
     out = []
     for item in orjson.loads(raw):
         if type(item) is list:
+            ops = item.pop()["h"] if len(item) % 2 else []
             flat = iter(item)
             scope, partition, first, last = next(flat), next(flat), next(flat), next(flat)
-            out.append(Delta(scope, partition, first, last, dict(zip(flat, flat, strict=True))))
+            out.append(Delta(scope, partition, first, last, dict(zip(flat, flat, strict=True)), ops))
         else:  # records produced before the flat format; may still be in flight at an upgrade
             out.append(Delta.from_json(item))
     return out
@@ -139,11 +154,16 @@ def plan_batch(
     progress: Mapping[int, int],
     registry: RegistryView,
     topic: str,
+    holds: HoldBook | None = None,
 ) -> BatchPlan:
     """Plan a batch (records of any partitions, in offset order within each). Pure.
 
     A record delivered twice in one batch (Faust may redeliver around a rebalance, see
     ``recovery_fix``) is planned once: records are identified by ``(partition, offset)``.
+    Without ``holds``, hold events and settles charge what they charge and hold nothing.
+    Every hold or release event touches each scope of its own (a delta, maybe without ops),
+    so the scope's state record reflects its offset (the gate counts a hold it placed until
+    then: ``domain.holds.LocalHolds``).
     """
     plan = BatchPlan()
     batch_last: dict[int, int] = {}
@@ -165,11 +185,17 @@ def plan_batch(
         plan.seen_new[event.event_id] = (p, offset)
         plan.events += 1
         nanos = event.charge_nanos
-        if not nanos:
+        ops: dict[str, list[HoldOp]] | None = None
+        if holds is not None and event.request_id and event.kind != "request":
+            ops = _hold_ops(holds, event, p, offset, registry)
+        if not nanos and ops is None:
             continue
         minute = int(event.occurred_at.timestamp()) // 60
         replayed = offset <= progress.get(p, -1)
-        for scope in scopes_for(event, registry):
+        scopes = scopes_for(event, registry) if nanos or event.kind != "cost" else []
+        if ops:
+            scopes = scopes + [s for s in ops if s not in scopes]
+        for scope in scopes:
             if replayed:
                 delta = Delta(scope, p, offset, offset)
                 plan.deltas.append(delta)
@@ -177,7 +203,31 @@ def plan_batch(
                 delta = fresh.get((p, scope)) or fresh.setdefault(
                     (p, scope), Delta(scope, p, offset, batch_last[p])
                 )
-            delta.add(minute, nanos)
+            if nanos:
+                delta.add(minute, nanos)
+            if ops and scope in ops:
+                delta.holds.extend(ops[scope])
     plan.deltas.extend(fresh.values())
     plan.progress = {p: last for p, last in batch_last.items() if last > progress.get(p, -1)}
     return plan
+
+
+def _hold_ops(
+    holds: HoldBook, event: UsageEvent, partition: int, offset: int, registry: RegistryView
+) -> dict[str, list[HoldOp]]:
+    """The hold ops of one event with a ``request_id``, per scope (empty: it holds or ends
+    nothing). A hold is charged to the scopes of its own event; an end reaches the scopes its
+    hold was charged to, whatever the settling event's own attribution says."""
+    assert event.request_id is not None
+    hid = hold_id(event.key_id, event.request_id)
+    if event.kind == "hold":
+        scopes = scopes_for(event, registry)
+        if not holds.on_hold(hid, partition, offset, scopes):
+            return {}
+        add: HoldOp = [
+            hid,
+            event.estimated_cost_usd or 0,
+            expires_at_ms(event.occurred_at.timestamp(), event.hold_ttl_s),
+        ]
+        return {scope: [add] for scope in scopes}
+    return {scope: [[hid]] for scope in holds.on_end(hid, partition, offset)}

@@ -161,8 +161,16 @@ def state_json(
     now: float,
     source: Source | None,
     watermarks: Mapping[int, int] | None = None,
+    reserved: int = 0,
+    holds_expire_at: float | None = None,
 ) -> bytes:
-    """``state_record(...)`` serialized without building the model: the tick emits thousands."""
+    """``state_record(...)`` serialized without building the model: the tick emits thousands.
+
+    ``reserved``: nano-dollars held at ``now`` by the scope's outstanding holds, shown in every
+    window (a hold is for a call running now, whichever window its cost lands in);
+    ``holds_expire_at``: the latest expiry among them (epoch s), after which readers count none.
+    """
+    held = format_usd(reserved)
     return orjson.dumps(
         {
             "v": 1,
@@ -170,14 +178,22 @@ def state_json(
             "as_of": _iso(now),
             "source": None if source is None else {"partition": source.partition, "offset": source.offset},
             "watermarks": None if watermarks is None else wire_watermarks(watermarks),
+            "holds_expire_at": _iso_ms(holds_expire_at) if reserved else None,
             "windows": [
                 {
                     "window": w.window,
                     "start": _iso(w.start),
                     "resets_at": _iso(w.resets_at),
                     "spend_usd": format_usd(w.spend),
+                    "reserved_usd": held,
                 }
                 for w in status.windows
             ],
         }
     )
+
+
+def _iso_ms(instant: float | None) -> str | None:
+    if instant is None:
+        return None
+    return datetime.fromtimestamp(instant, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

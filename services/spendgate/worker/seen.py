@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from spendgate.domain.holds import HoldBook
 from spendgate.domain.registry import RegistryView
 from spendgate.worker.ingest import BatchPlan, RawRecord, plan_batch
 
@@ -79,6 +80,7 @@ def plan_with_seen(
     progress: Mapping[int, int],
     registry: RegistryView,
     topic: str,
+    holds: HoldBook | None = None,
 ) -> tuple[BatchPlan, dict[int, list[SeenWrite]]]:
     """Plan one batch against ``seen``: expire, plan, remember. The worker and replay share it.
 
@@ -86,11 +88,18 @@ def plan_with_seen(
     timestamps for replay); a partition without one expires nothing. Ids older than the horizon
     are forgotten *before* planning, so a retry that late counts again. Returns the plan and the
     ``seen`` table writes per partition (expired records deleted, the batch's new record).
+    With ``holds``, the hold book's records live in the same table (keys ``h{p}/…``) and are
+    expired and written the same way.
     """
     writes: dict[int, list[SeenWrite]] = {
         p: [(key, None) for key in seen.expire(p, clock)] for p, clock in now.items()
     }
-    plan = plan_batch(records, seen=seen.where, progress=progress, registry=registry, topic=topic)
+    if holds is not None:
+        for p, clock in now.items():
+            writes[p] += [(key, None) for key in holds.expire(p, clock)]
+    plan = plan_batch(
+        records, seen=seen.where, progress=progress, registry=registry, topic=topic, holds=holds
+    )
     fresh: dict[int, dict[str, int]] = {}
     for event_id, (p, offset) in plan.seen_new.items():
         fresh.setdefault(p, {})[event_id] = offset
@@ -98,4 +107,9 @@ def plan_with_seen(
         record = seen.remember(p, ids, now.get(p, 0.0))
         if record is not None:
             writes.setdefault(p, []).append(record)
+    if holds is not None:
+        for p in holds.pending_partitions():
+            marks = holds.take_record(p, now.get(p, 0.0))
+            if marks is not None:
+                writes.setdefault(p, []).append(marks)
     return plan, writes

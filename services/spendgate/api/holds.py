@@ -1,0 +1,239 @@
+"""Holds on the gate (CONTRACT §4; issue 15): reserving checks and ``DELETE /v1/holds/{id}``.
+
+A reserving check (``"reserve": true`` with ``request_id`` and ``estimated_cost_usd``):
+
+1. a retry of an allowed reserving check of the same key and request (still live here) gets
+   the first answer back and holds nothing more;
+2. otherwise it is judged like any check with an estimate, counting what holds keep
+   (``GateState.held``);
+3. when allowed, the hold counts on this gate at once (``LocalHolds.add``: steps 2 and 3 run
+   without awaiting, so on one event loop no other check slips in between), and its
+   ``kind: "hold"`` event is queued for ``spend.usage``; the answer does not wait for the
+   broker (a check never does). Once the broker acknowledges it at ``(p, o)``, the first state
+   record of each scope reflecting ``o`` takes over counting it.
+
+When the event cannot be appended (broker down), the hold still counts here until its TTL and
+nowhere else: never less safe than no hold. A gate killed with holds outstanding leaves them in
+the log, where they expire ``hold_ttl_s`` after their ``occurred_at``.
+
+The hold and release events have deterministic ids (``domain.holds.event_id_for``): a retry
+through another replica appends the same event, which the worker counts once.
+"""
+
+# No "from __future__ import annotations": FastAPI must see the route-local Annotated aliases.
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Annotated, Any, Protocol
+
+import orjson
+from aiokafka import AIOKafkaProducer
+from fastapi import APIRouter, Depends, Path, Query, Response
+
+from spendgate.api.auth import TokenCache, gate_dependency
+from spendgate.api.errors import error_responses
+from spendgate.domain.attribution import scopes_for
+from spendgate.domain.authority import Action, Principal
+from spendgate.domain.check import CheckRequest, CheckResult
+from spendgate.domain.gate_state import GateState
+from spendgate.domain.holds import DEFAULT_TTL_S, MAX_TTL_S, LocalHold, event_id_for
+from spendgate.domain.money import format_usd
+
+log = logging.getLogger(__name__)
+
+QUEUE_LIMIT = 100_000  # hold events waiting for the broker; beyond it they stay local only
+
+
+class Judge(Protocol):
+    state: GateState
+
+    def judge(self, request: CheckRequest) -> tuple[CheckResult, int]: ...
+
+    def clock(self) -> float: ...
+
+
+class Sender(Protocol):
+    async def send_all(self, records: list[tuple[bytes, bytes]]) -> None: ...
+
+
+def _iso_ms(instant: float) -> str:
+    return datetime.fromtimestamp(instant, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def hold_event(request: CheckRequest, request_id: str, ttl_s: int, now: float) -> dict[str, Any]:
+    """The ``kind: "hold"`` usage event of an allowed reserving check."""
+    return {
+        "v": 1,
+        "event_id": event_id_for("hold", request.key_id, request_id),
+        "kind": "hold",
+        "occurred_at": _iso_ms(now),
+        "key_id": request.key_id,
+        "end_user_id": request.end_user_id,
+        "model": request.model,
+        "tags": list(request.tags or ()),
+        "user_id": request.user_id,
+        "team_id": request.team_id,
+        "org_id": request.org_id,
+        "request_id": request_id,
+        "estimated_cost_usd": format_usd(request.estimated_cost_nanos or 0),
+        "hold_ttl_s": ttl_s,
+    }
+
+
+def release_event(key_id: str, request_id: str, now: float) -> dict[str, Any]:
+    return {
+        "v": 1,
+        "event_id": event_id_for("release", key_id, request_id),
+        "kind": "release",
+        "occurred_at": _iso_ms(now),
+        "key_id": key_id,
+        "request_id": request_id,
+    }
+
+
+class HoldAppender:
+    """Appends hold events to ``spend.usage`` in the background, in order, acks=all.
+
+    One task drains a queue into its own producer (started lazily; restarted after an error),
+    and tells ``GateState.local`` where each hold landed.
+    """
+
+    def __init__(self, factory: Callable[[], AIOKafkaProducer], topic: str, state: GateState) -> None:
+        self._factory = factory
+        self.topic = topic
+        self.state = state
+        self._queue: asyncio.Queue[tuple[LocalHold, bytes, bytes]] = asyncio.Queue(QUEUE_LIMIT)
+        self._task: asyncio.Task[None] | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self.failed = 0
+
+    def append(self, hold: LocalHold, key: bytes, value: bytes) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="hold-appender")
+        try:
+            self._queue.put_nowait((hold, key, value))
+        except asyncio.QueueFull:
+            self.failed += 1  # counted here until its TTL, like any hold the log never got
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while not self._queue.empty() and len(batch) < 1000:
+                batch.append(self._queue.get_nowait())
+            try:
+                if self._producer is None:
+                    producer = self._factory()
+                    await producer.start()
+                    self._producer = producer
+                futures = [await self._producer.send(self.topic, value, key=key) for _, key, value in batch]
+                for (hold, _, _), meta in zip(batch, await asyncio.gather(*futures), strict=True):
+                    self._placed(hold, meta.partition, meta.offset)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - an outage: the holds stay local until their TTL
+                self.failed += len(batch)
+                log.warning(
+                    "holds: %d hold events not appended (%r); they count here until their TTL",
+                    len(batch),
+                    exc,
+                )
+                producer, self._producer = self._producer, None
+                if producer is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(producer.stop(), 5)
+                await asyncio.sleep(0.5)
+
+    def _placed(self, hold: LocalHold, partition: int, offset: int) -> None:
+        local = self.state.local
+        local.placed(hold, partition, offset)
+        for scope in list(hold.counting):  # a state record may have reflected it already
+            held = self.state.states.get(scope)
+            if held is not None:
+                local.reflect(scope, held.watermarks)
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Send what is queued (bounded), then stop."""
+        deadline = time.monotonic() + timeout_s
+        while not self._queue.empty() and self._task is not None and not self._task.done():
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(producer.stop(), max(0.1, deadline - time.monotonic()))
+
+
+class Holds:
+    """The gate's hold service: reserve (the check path) and release."""
+
+    def __init__(self, appender: HoldAppender, sender: Sender) -> None:
+        self.appender = appender
+        self.sender = sender
+
+    def reserve(
+        self, gate: Judge, request: CheckRequest, request_id: str, ttl_s: int | None
+    ) -> tuple[CheckResult, int]:
+        """Judge a reserving check and, when allowed, hold its estimate (module docstring).
+
+        Synchronous on purpose: nothing may run between the judgement and the hold.
+        """
+        now = gate.clock()
+        local = gate.state.local
+        earlier = local.get(request.key_id, request_id, now)
+        if earlier is not None:
+            answer: tuple[CheckResult, int] = earlier.answer
+            return answer
+        result, lag = gate.judge(request)
+        if result.allowed:
+            ttl = DEFAULT_TTL_S if ttl_s is None else min(ttl_s, MAX_TTL_S)
+            hold = LocalHold(
+                request.key_id,
+                request_id,
+                tuple(scopes_for(request, gate.state.registry)),
+                request.estimated_cost_nanos or 0,
+                now + ttl,
+                (result, lag),
+            )
+            local.add(hold)
+            event = hold_event(request, request_id, ttl, now)
+            self.appender.append(hold, request.key_id.encode(), orjson.dumps(event))
+        return result, lag
+
+    async def release(self, gate: Judge, key_id: str, request_id: str) -> None:
+        """Stop counting the hold here and append its release (acks=all; 503 when the broker
+        does not acknowledge in time: retry, a release repeated changes nothing)."""
+        gate.state.local.release(key_id, request_id)
+        event = release_event(key_id, request_id, gate.clock())
+        await self.sender.send_all([(key_id.encode(), orjson.dumps(event))])
+
+    async def close(self) -> None:
+        await self.appender.close()
+
+
+def holds_router(gate: Judge, holds: Holds, tokens: TokenCache) -> APIRouter:
+    """``DELETE /v1/holds/{request_id}?key_id=…`` (gateway or admin, like ingesting events)."""
+    router = APIRouter(prefix="/v1", tags=["gate"], responses=error_responses(400, 401, 403, 422, 503))
+    Ingester = Annotated[Principal, Depends(gate_dependency(tokens, Action.INGEST))]
+
+    @router.delete(
+        "/holds/{request_id}",
+        status_code=204,
+        summary="Release the hold of a request (idempotent; 204 whether or not one was held)",
+    )
+    async def delete_hold(
+        _: Ingester,
+        request_id: Annotated[str, Path(min_length=1, max_length=256)],
+        key_id: Annotated[str, Query(min_length=1, max_length=256)],
+    ) -> Response:
+        await holds.release(gate, key_id, request_id)
+        return Response(status_code=204)
+
+    return router
