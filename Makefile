@@ -50,9 +50,11 @@ kafka: install ## Real Apache Kafka (3 KRaft brokers, fetched with Maven once) u
 
 # The e2e tests that start their own embedded stack (dev CLI, README quick start) would not
 # touch the cluster: only the one that honours SPENDGATE_TEST_KAFKA_BOOTSTRAP runs here.
+# Tests marked broker_agnostic (Postgres or HTTP validation only, or their own embedded broker;
+# pyproject.toml) add nothing on a real broker and run in `make test` only.
 test-kafka: install $(LITELLM_STAMP) ## Integration + e2e on a real 3-broker Kafka (RF 3, min ISR 2), broker failures
 	$(BIN)/python -m spendgate.adapters.kafka_cluster test -- -q -rf -p no:cacheprovider --durations=15 \
-		tests/integration tests/e2e/test_litellm_proxy.py
+		-m "not broker_agnostic" tests/integration tests/e2e/test_litellm_proxy.py
 
 lint: install ## ruff + mypy
 	$(BIN)/ruff check services tests

@@ -35,6 +35,8 @@ from spendgate.adapters.kafka import ensure_topics
 from spendgate.api.app import create_app
 from spendgate.settings import Settings
 
+pytestmark = pytest.mark.broker_agnostic  # see pyproject.toml: make test-kafka skips it
+
 ADMIN_TOKEN = "authz-admin-" + uuid.uuid4().hex
 ROLES = ("admin", "ta_T", "ta_U", "viewer", "gateway", "none", "revoked")
 T, U, O, OU = "team-t", "team-u", "org-o", "org-ou"  # noqa: E741 (O: the org, like T and U)

@@ -33,6 +33,8 @@ from spendgate.api.app import create_app
 from spendgate.settings import Settings
 from spendgate.store.migrate import apply_migrations
 
+pytestmark = pytest.mark.broker_agnostic  # see pyproject.toml: make test-kafka skips it
+
 BOUND_S = 2.0
 SLACK_S = 1.5  # scheduling on a loaded 2-core machine
 ADMIN_TOKEN = "bounded-" + uuid.uuid4().hex

@@ -17,6 +17,8 @@ from spendgate.api.control import install_control_plane
 from spendgate.api.errors import install_error_handlers
 from spendgate.store.repo import ControlRepo, open_pool
 
+pytestmark = pytest.mark.broker_agnostic  # see pyproject.toml: make test-kafka skips it
+
 ADMIN_TOKEN = "test-admin-" + uuid.uuid4().hex
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 

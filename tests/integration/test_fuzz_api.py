@@ -49,7 +49,10 @@ from spendgate.settings import Settings
 from spendgate.store.repo import ControlRepo, open_pool
 
 # schemathesis' own strategies use `random` (its warning, not ours)
-pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning"),
+    pytest.mark.broker_agnostic,  # see pyproject.toml: make test-kafka skips it
+]
 
 ADMIN_TOKEN = "fuzz-admin-" + uuid.uuid4().hex
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

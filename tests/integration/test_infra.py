@@ -112,6 +112,7 @@ async def test_high_watermark_of_unknown_topic_raises(settings_factory: Settings
         await kafka.fetch_high_watermarks(settings.kafka_bootstrap, "no-such-topic-here", timeout_s=1.0)
 
 
+@pytest.mark.broker_agnostic
 def test_migrations_apply_once_and_record_each_version(fresh_database_url: str) -> None:
     expected = [m.version for m in discover(MIGRATIONS_DIR)]
     assert apply_migrations(fresh_database_url) == expected
@@ -119,6 +120,7 @@ def test_migrations_apply_once_and_record_each_version(fresh_database_url: str) 
     assert applied_versions(fresh_database_url) == expected
 
 
+@pytest.mark.broker_agnostic
 def test_a_failing_migration_is_rolled_back_and_not_recorded(database_url: str, tmp_path: Path) -> None:
     name = f"m_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(database_url, autocommit=True) as conn:
@@ -137,6 +139,7 @@ def test_a_failing_migration_is_rolled_back_and_not_recorded(database_url: str, 
         apply_migrations(url, tmp_path)
 
 
+@pytest.mark.broker_agnostic
 def test_broker_on_a_taken_port_is_a_clear_error(tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -147,6 +150,7 @@ def test_broker_on_a_taken_port_is_a_clear_error(tmp_path: Path) -> None:
             start_broker(port, tmp_path / "broker.log")
 
 
+@pytest.mark.broker_agnostic
 def test_embedded_broker_stops_by_pid(tmp_path: Path) -> None:
     broker = start_broker(free_port(), tmp_path / "broker.log")
     pid = broker.process.pid
@@ -154,6 +158,7 @@ def test_embedded_broker_stops_by_pid(tmp_path: Path) -> None:
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
+@pytest.mark.broker_agnostic
 def test_embedded_children_die_with_a_killed_parent(tmp_path: Path) -> None:
     script = (
         "import os, signal, sys\n"

@@ -17,7 +17,7 @@ from tests.kafka_helpers import eventually
 from spendgate.api.app import create_app
 from spendgate.settings import Settings
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.broker_agnostic]  # broker_agnostic: see pyproject.toml
 
 ADMIN_TOKEN = "webhooks-admin-" + uuid.uuid4().hex
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
