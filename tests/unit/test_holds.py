@@ -347,3 +347,35 @@ def test_state_records_without_holds_read_as_before() -> None:
     gs = gate_with_limit("1")
     gs.apply_state(state_record("key:k1", ("1d", "0.5"), day=(DAY_START, DAY_END)))
     assert gs.reserved == {} and gs.held("key:k1", NOW) == 0
+
+
+OPS = st.lists(
+    st.tuples(st.sampled_from(["add", "place", "reflect", "release", "expire"]), st.integers(0, 5)),
+    max_size=40,
+)
+
+
+@given(ops=OPS)
+def test_local_pending_is_always_the_sum_of_the_holds_still_counting(ops: list[tuple[str, int]]) -> None:
+    holds = LocalHolds()
+    placed: dict[str, LocalHold] = {}
+    clock = NOW
+    for op, n in ops:
+        rid = f"r{n}"
+        if op == "add" and holds.get("k1", rid, clock) is None:
+            hold = LocalHold("k1", rid, ("key:k1", f"tag:{n % 2}"), (n + 1) * CENT, clock + n + 1)
+            holds.add(hold)
+            placed[rid] = hold
+        elif op == "place" and rid in placed:
+            holds.placed(placed[rid], 0, n)
+        elif op == "reflect":
+            holds.reflect("key:k1", {"0": n})
+        elif op == "release":
+            holds.release("k1", rid)
+        else:
+            clock += 1
+            holds.expire(clock)
+        live = [h for h in placed.values() if h.expires_at > clock or not h.counting]
+        for scope in ("key:k1", "tag:0", "tag:1"):
+            want = sum(h.nanos for h in live if scope in h.counting)
+            assert holds.pending.get(scope, 0) == want

@@ -270,20 +270,21 @@ class LocalHolds:
         self._n += 1
         heapq.heappush(self._expiry, (hold.expires_at, self._n, hold))
 
-    def _uncount(self, hold: LocalHold, scope: str) -> None:
-        if scope not in hold.counting:
-            return
-        hold.counting.discard(scope)
-        left = self.pending.get(scope, 0) - hold.nanos
+    def _subtract(self, scope: str, nanos: int) -> None:
+        left = self.pending.get(scope, 0) - nanos
         if left > 0:
             self.pending[scope] = left
         else:
             self.pending.pop(scope, None)
-        holds = self._by_scope.get(scope)
-        if holds is not None:
-            holds[:] = [h for h in holds if h is not hold]
-            if not holds:
-                del self._by_scope[scope]
+
+    def _uncount(self, hold: LocalHold, scope: str) -> None:
+        if scope not in hold.counting:
+            return
+        hold.counting.discard(scope)
+        self._subtract(scope, hold.nanos)
+        if scope not in self.pending:  # nothing counts there any more
+            self._by_scope.pop(scope, None)
+        # else the hold leaves _by_scope at the scope's next reflect (O(1) here)
 
     def placed(self, hold: LocalHold, partition: int, offset: int) -> None:
         hold.place = (partition, offset)
@@ -294,10 +295,20 @@ class LocalHolds:
         holds = self._by_scope.get(scope)
         if not holds or not watermarks:
             return
-        for hold in list(holds):
+        keep = []
+        for hold in holds:  # one pass: a busy scope may have hundreds in flight
+            if scope not in hold.counting:
+                continue  # released or expired since
             place = hold.place
             if place is not None and watermarks.get(str(place[0]), -1) >= place[1]:
-                self._uncount(hold, scope)
+                hold.counting.discard(scope)
+                self._subtract(scope, hold.nanos)
+            else:
+                keep.append(hold)
+        if not keep:
+            del self._by_scope[scope]
+        elif len(keep) < len(holds):
+            self._by_scope[scope] = keep
 
     def release(self, key_id: str, request_id: str) -> LocalHold | None:
         """Stop counting a hold placed here (its release event is the caller's to append)."""
