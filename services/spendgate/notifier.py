@@ -51,6 +51,7 @@ from spendgate.domain.webhooks import (
     subscription_matches,
     url_host,
 )
+from spendgate.domain.windows import rfc3339
 from spendgate.records import Alert
 from spendgate.settings import Settings
 from spendgate.store.repo import open_pool
@@ -342,7 +343,7 @@ class Notifier:
             "attempts": attempts,
             "last_status": status,
             "last_error": error,
-            "failed_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            "failed_at": rfc3339(),
         }
         try:
             if self._producer is None:

@@ -223,14 +223,18 @@ def test_gate_errors_follow_the_fail_policy(gate_factory: Any, mode: FailMode) -
     broken = gate_factory(lambda p, b: (503, {"error": {"code": "not_ready", "message": "x"}}))
     slow = gate_factory(lambda p, b: (time.sleep(0.5), accept_all(p, b))[1])
     refused = f"http://127.0.0.1:{free_port()}"
-    for url, reason in ((broken.url, "status 503"), (slow.url, "timeout"), (refused, "unreachable")):
-        with SpendgateClient(url, fail_mode=mode) as client:
+    # Only the slow gate runs on the default 50 ms check timeout: on a loaded machine a 503 or a
+    # refused connection can itself take longer than 50 ms, and would then read as a timeout.
+    cases = ((broken.url, "status 503", 2.0), (slow.url, "timeout", None), (refused, "unreachable", 2.0))
+    for url, reason, check_timeout_s in cases:
+        with SpendgateClient(url, fail_mode=mode, check_timeout_s=check_timeout_s) as client:
             started = time.monotonic()
             result = client.check("k1")
             took = time.monotonic() - started
         assert result.allowed is (mode is FailMode.OPEN), reason
         assert result.degraded and result.failed == reason
-        assert took < 0.4, f"{reason}: the 50 ms check timeout did not hold ({took:.3f} s)"
+        if check_timeout_s is None:
+            assert took < 0.4, f"{reason}: the 50 ms check timeout did not hold ({took:.3f} s)"
         assert (client.stats.fail_open, client.stats.fail_closed) == (
             (1, 0) if mode is FailMode.OPEN else (0, 1)
         )

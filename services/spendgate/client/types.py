@@ -10,10 +10,14 @@ import os
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from enum import StrEnum
 from typing import Any
+
+from spendgate.domain.windows import rfc3339
+
+iso_utc = rfc3339  # the client's public name for it
 
 NANO = Decimal("0.000000001")
 
@@ -206,17 +210,6 @@ def exact_usd(value: float | int | str | Decimal) -> str:
         raise ValueError(f"a cost must be finite and >= 0, not {value!r}")
     amount = amount.quantize(NANO, rounding=ROUND_HALF_UP).normalize()
     return format(amount, "f")
-
-
-def iso_utc(moment: datetime | float | None = None) -> str:
-    """RFC 3339 UTC with milliseconds, from a datetime, epoch seconds, or now."""
-    if moment is None:
-        moment = datetime.now(UTC)
-    elif not isinstance(moment, datetime):
-        moment = datetime.fromtimestamp(float(moment), UTC)
-    elif moment.tzinfo is None:
-        moment = moment.astimezone(UTC)  # a naive datetime is local time (as LiteLLM's are)
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def usage_event(

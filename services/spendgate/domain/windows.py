@@ -125,6 +125,17 @@ def window_bounds(spec: WindowSpec, instant: int, tz: ZoneInfo) -> tuple[int, in
     return start, end
 
 
+def rfc3339(moment: datetime | float | None = None, *, timespec: str = "milliseconds") -> str:
+    """RFC 3339 in UTC with a ``Z`` (CONTRACT §1), from a datetime, epoch seconds, or now.
+
+    A naive datetime is local time (as Python's and LiteLLM's are)."""
+    if moment is None:
+        moment = datetime.now(UTC)
+    elif not isinstance(moment, datetime):
+        moment = datetime.fromtimestamp(float(moment), UTC)
+    return moment.astimezone(UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
+
+
 def iso(instant: int | None) -> str | None:
     """Epoch seconds as RFC 3339 UTC (``2026-11-24T00:00:00Z``)."""
     if instant is None:

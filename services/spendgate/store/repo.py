@@ -54,6 +54,7 @@ from spendgate.domain.errors import Conflict, Failure, NotFound, Unprocessable
 from spendgate.domain.registry import config_key
 from spendgate.domain.scopes import Scope, ScopeKind
 from spendgate.domain.tokens import IssuedToken, issue_token
+from spendgate.domain.windows import rfc3339
 from spendgate.records import (
     BudgetRecord,
     KeyRecord,
@@ -843,7 +844,7 @@ class ControlRepo:
                 (after or 0, _limit(limit) + 1),
             )
             rows = await cur.fetchall()
-        items = [{**r, "at": r["at"].isoformat().replace("+00:00", "Z")} for r in rows]
+        items = [{**r, "at": rfc3339(r["at"])} for r in rows]
         return _page(items, rows, limit, "id")
 
     # --- helpers ---------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from spendgate.domain.webhooks import (
     authorize_webhook,
     keys_named,
 )
+from spendgate.domain.windows import rfc3339
 from spendgate.store.deadline import within
 from spendgate.store.repo import guard
 
@@ -68,7 +69,7 @@ class Subscription:
 
 
 def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat().replace("+00:00", "Z")
+    return None if value is None else rfc3339(value)
 
 
 def public(row: Row) -> dict[str, Any]:
