@@ -34,6 +34,7 @@ from spendgate.adapters import kafka
 from spendgate.adapters.follower import Handler, TopicFollower
 from spendgate.api.auth import TokenCache
 from spendgate.api.control import install_control_plane
+from spendgate.api.dashboard import Dashboard, dashboard_router, gate_health, history_handlers
 from spendgate.api.errors import install_error_handlers
 from spendgate.api.gate import (
     Gate,
@@ -46,9 +47,11 @@ from spendgate.api.gate import (
 from spendgate.api.holds import HoldAppender, Holds, holds_router
 from spendgate.api.limits import RequestGuard
 from spendgate.api.metrics import GateMetrics
+from spendgate.api.ui import ui_router
 from spendgate.api.visibility import WriteVisibility
 from spendgate.api.webhooks import webhooks_router
 from spendgate.domain.gate_state import GateState
+from spendgate.domain.series import SpendHistory
 from spendgate.records import TokenRecord
 from spendgate.settings import Settings
 from spendgate.store.outbox import OutboxRelay
@@ -76,6 +79,8 @@ def create_app(settings: Settings, *, follower: TopicFollower | None = None) -> 
     metrics = GateMetrics()
     tokens = TokenCache(settings.admin_token)
     state = GateState()
+    history = SpendHistory()  # the dashboard's buckets, from the same state/decision records
+    on_state, on_decision = history_handlers(state, history)
 
     async def prepare() -> None:
         await kafka.ensure_topics(settings)
@@ -85,8 +90,8 @@ def create_app(settings: Settings, *, follower: TopicFollower | None = None) -> 
             settings.kafka_bootstrap,
             {
                 settings.topic("config"): config_handler(state, tokens),
-                settings.topic("decisions"): lambda key, value, *_: state.apply_decision(value, key),
-                settings.topic("state"): lambda key, value, *_: state.apply_state(value, key),
+                settings.topic("decisions"): on_decision,
+                settings.topic("state"): on_state,
             },
             prepare=prepare,
         )
@@ -168,6 +173,9 @@ def create_app(settings: Settings, *, follower: TopicFollower | None = None) -> 
 
     app.openapi = openapi  # type: ignore[method-assign]
     app.include_router(health_router(gate, metrics))
+    dashboard = Dashboard(state, history, lambda: gate_health(gate), gate.clock)
+    app.include_router(dashboard_router(dashboard, tokens))  # before /v1/spend/{scope}, which takes all
+    app.include_router(ui_router())
     app.state.check_handler = check_handler(gate, tokens)  # also served ahead of the stack by `api`
     app.include_router(gate_router(gate, tokens, producer, app.state.check_handler))
     app.include_router(holds_router(gate, holds, tokens))
