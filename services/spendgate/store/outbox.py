@@ -34,6 +34,7 @@ from spendgate.store.repo import guard, snapshot
 
 log = logging.getLogger(__name__)
 
+STOP_TIMEOUT_S = 10.0
 RELAY_LOCK = 0x5BE7D6A7E0  # arbitrary, fixed: "the outbox relay" advisory lock id
 
 HighWatermarks = Callable[[str, str], Awaitable[dict[int, int]]]
@@ -87,15 +88,15 @@ class OutboxRelay:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # bounded: aiokafka can swallow a cancellation delivered inside start()/stop()
+            await asyncio.wait({task}, timeout=STOP_TIMEOUT_S)
         await self._close_producer()
 
     async def _close_producer(self) -> None:
         producer, self._producer = self._producer, None
         if producer is not None:
             with contextlib.suppress(Exception):
-                await producer.stop()
+                await asyncio.wait_for(producer.stop(), STOP_TIMEOUT_S)
 
     async def _ensure_producer(self) -> AIOKafkaProducer:
         if self._producer is None:
