@@ -1,4 +1,4 @@
-"""``python -m bench [--only gate,worker,replay,enforce,overshoot,cold,micro,rebalance,writes] [--quick]``.
+"""``python -m bench [--only gate,worker,replay,enforce,overshoot,reserve,cold,micro,rebalance,writes] [--quick]``.
 
 Starts its own embedded stack (Tansu + Postgres on free ports; spendgate worker/API as child
 processes), runs each measurement beside its baseline, writes BENCHMARKS.md and BENCHMARKS.json.
@@ -27,7 +27,8 @@ from bench import report
 from bench.common import log
 
 ROOT = Path(__file__).resolve().parent.parent
-PHASES = ("micro", "gate", "cold", "worker", "replay", "enforce", "overshoot", "rebalance", "litellm", "writes")
+PHASES = ("micro", "gate", "reserve", "cold", "worker", "replay", "enforce", "overshoot", "rebalance", "litellm",
+          "writes")
 #: BENCHMARKS.json keys written by each phase (for ``--only`` merges).
 PHASE_KEYS = {
     "micro": ("micro",),
@@ -36,7 +37,8 @@ PHASE_KEYS = {
     "worker": ("worker",),
     "replay": ("replay",),
     "enforce": ("enforce", "enforce_1000"),
-    "overshoot": ("overshoot",),
+    "overshoot": ("overshoot", "overshoot_holds"),
+    "reserve": ("reserve",),
     "rebalance": ("rebalance",),
     "litellm": ("litellm",),
     "writes": ("writes",),
@@ -72,7 +74,7 @@ def micro(quick: bool) -> dict[str, Any]:
 
 
 async def main_async(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    from bench import coldstart, gate, live, replay, worker
+    from bench import coldstart, gate, holds, live, replay, worker
     from bench.stack import Stack
 
     only = set(args.only.split(",")) if args.only else set(PHASES)
@@ -85,9 +87,10 @@ async def main_async(args: argparse.Namespace, results: dict[str, Any]) -> None:
     try:
         stack.start()
         log(f"stack: broker {stack.bootstrap}, postgres {stack.database_url}")
-        if only & {"gate", "cold"}:
+        if only & {"gate", "cold", "reserve"}:
             results["gate_data"] = await gate.load_gate_topics(stack, "gate.", keys, teams, orgs)
         if "gate" in only:
+            stack.start_redis()
             servers = gate.start_servers(stack, "gate.", keys, teams, orgs)
             try:
                 results["gate"] = gate.run_gate(stack, servers, workdir, keys, quick)
@@ -98,6 +101,8 @@ async def main_async(args: argparse.Namespace, results: dict[str, Any]) -> None:
                 from bench.baselines import clear_redis
 
                 clear_redis()
+        if "reserve" in only:
+            results["reserve"] = holds.run_reserve_latency(stack, workdir, keys, quick)
         if "cold" in only:
             results["cold_api"] = coldstart.api_cold_start(stack, "gate.", 2 if quick else 3)
         if "worker" in only:
@@ -107,13 +112,15 @@ async def main_async(args: argparse.Namespace, results: dict[str, Any]) -> None:
         if only & {"enforce", "overshoot"}:
             n_enf, n_over = (4, 1) if quick else (10, 3)
             enforce_keys, over_keys = live.trial_keys(n_enf + 1, n_over)
+            hold_keys = holds.trial_keys(n_over)
             lv = live.Live(stack)
-            await lv.start(enforce_keys + over_keys[False] + over_keys[True])
+            await lv.start(enforce_keys + over_keys[False] + over_keys[True] + [k for ks in hold_keys.values() for k in ks])
             try:
                 if "enforce" in only:
                     results["enforce"] = await live.run_enforcement(lv, enforce_keys[:-1], args.enforce_rate)
                 if "overshoot" in only:
                     results["overshoot"] = await live.run_overshoot(lv, over_keys)
+                    results["overshoot_holds"] = await holds.run_overshoot_holds(lv, hold_keys)
                 if "enforce" in only and args.enforce_rate < 1000:
                     # the issue's load: ~1,000 events/s in the background; one trial, bounded wait
                     results["enforce_1000"] = await live.run_enforcement_overload(lv, enforce_keys[-1:], 1000)

@@ -173,6 +173,40 @@ def markdown(res: dict[str, Any]) -> str:
                      f"{[t['over_calls'] for t in x['trials']]} |")
         L.append("")
 
+    oh = res.get("overshoot_holds")
+    if oh:
+        L.append("### 4b. Overshoot with holds\n")
+        L.append("The same setup, but every check reserves (`\"reserve\": true`, a fresh `request_id`, "
+                 "`estimated_cost_usd`) and its $0.01 cost event carries the same `request_id` (the settle). "
+                 "Two API processes: the 20 clients split between them (same topics, same worker). "
+                 "Negative = stopped before the limit (estimates too high hold more than is spent).\n")
+        L.append("| estimate for a $0.01 call | API processes | over, calls | over, USD | runs | calls/s |\n"
+                 "|---|---|---|---|---|---|")
+        for x in oh.values():
+            L.append(f"| ${x['estimate_usd']} | {x['api_processes']} | {_m(x['over_calls'], 0)} | "
+                     f"{_m(x['over_usd'])} | {[t['over_calls'] for t in x['trials']]} | {_m(x['rate_calls_per_s'], 0)} |")
+        one = oh.get("exact_1_api")
+        if one:
+            worst = one["over_calls"].get("max")
+            targets.append(("overshoot with holds, one API process, estimate = cost", "<= 1 call",
+                            f"{fmt(worst, 0)} calls (worst run)", None if worst is None else worst <= 1))
+        L.append("")
+
+    rv = res.get("reserve")
+    if rv:
+        L.append("### 4c. Latency of a reserving check\n")
+        L.append(f"The gate bench's API and data (section 1), no worker; plain and reserving checks alternated, "
+                 f"open loop at {rv['rate']:,}/s, {rv['setup']['reps']} runs each. A reserving check also places "
+                 "the hold in memory and queues its event for `spend.usage` (appended by the same process).\n")
+        L.append("| request | p50 ms | p99 ms | p99.9 ms | non-2xx |\n|---|---|---|---|---|")
+        for name in ("plain", "reserve"):
+            x = rv[name]
+            L.append(f"| {name} | {_m(x['p50'])} | {_m(x['p99'])} | {_m(x['p999'])} | {x['non_2xx']} |")
+        ratio = rv.get("p99_ratio")
+        targets.append(("reserving check p99 / plain check p99 at 2,000/s", "<= 1.2",
+                        fmt(ratio), None if ratio is None else ratio <= 1.2))
+        L.append("")
+
     ca, cw = res.get("cold_api"), res.get("cold_worker")
     if ca or cw:
         L.append("## 5. Cold start\n")

@@ -49,10 +49,11 @@ class Stack:
         self.pg = start_postgres(pgdata, free_port(), logs / "postgres.log", durable=False)
         self.database_url = self.pg.create_database("spendgate")  # type: ignore[attr-defined]
         apply_migrations(self.database_url)
-        self.start_redis()
 
     def start_redis(self) -> None:
-        """The Redis baseline's server on 127.0.0.1:6379 (Debian's ``redis-server``), unless one answers."""
+        """The Redis baseline's server on 127.0.0.1:6379 (Debian's ``redis-server``), unless one answers.
+
+        Started by the gate phase only: no other phase needs it."""
         if port_in_use(REDIS_PORT):
             return
         server = shutil.which("redis-server")

@@ -105,16 +105,17 @@ class HoldAppender:
         self._factory = factory
         self.topic = topic
         self.state = state
-        self._queue: asyncio.Queue[tuple[LocalHold, bytes, bytes]] = asyncio.Queue(QUEUE_LIMIT)
+        self._queue: asyncio.Queue[tuple[LocalHold, CheckRequest, int, float]] = asyncio.Queue(QUEUE_LIMIT)
         self._task: asyncio.Task[None] | None = None
         self._producer: AIOKafkaProducer | None = None
         self.failed = 0
 
-    def append(self, hold: LocalHold, key: bytes, value: bytes) -> None:
+    def append(self, hold: LocalHold, request: CheckRequest, ttl_s: int, now: float) -> None:
+        """Queue the hold's event (built and sent by the appender task, off the check's path)."""
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="hold-appender")
         try:
-            self._queue.put_nowait((hold, key, value))
+            self._queue.put_nowait((hold, request, ttl_s, now))
         except asyncio.QueueFull:
             self.failed += 1  # counted here until its TTL, like any hold the log never got
 
@@ -128,8 +129,15 @@ class HoldAppender:
                     producer = self._factory()
                     await producer.start()
                     self._producer = producer
-                futures = [await self._producer.send(self.topic, value, key=key) for _, key, value in batch]
-                for (hold, _, _), meta in zip(batch, await asyncio.gather(*futures), strict=True):
+                futures = [
+                    await self._producer.send(
+                        self.topic,
+                        orjson.dumps(hold_event(request, hold.request_id, ttl, now)),
+                        key=request.key_id.encode(),
+                    )
+                    for hold, request, ttl, now in batch
+                ]
+                for (hold, *_), meta in zip(batch, await asyncio.gather(*futures), strict=True):
                     self._placed(hold, meta.partition, meta.offset)
             except asyncio.CancelledError:
                 raise
@@ -194,17 +202,20 @@ class Holds:
         result, lag = gate.judge(request)
         if result.allowed:
             ttl = DEFAULT_TTL_S if ttl_s is None else min(ttl_s, MAX_TTL_S)
+            state = gate.state
+            budgets = state.budgets
             hold = LocalHold(
                 request.key_id,
                 request_id,
-                tuple(scopes_for(request, gate.state.registry)),
+                # held here on the budgeted scopes (the only ones a check reads); the log's
+                # hold event holds on every scope, as spend.state then shows
+                tuple(s for s in scopes_for(request, state.registry) if s in budgets),
                 request.estimated_cost_nanos or 0,
                 now + ttl,
                 (result, lag),
             )
             local.add(hold)
-            event = hold_event(request, request_id, ttl, now)
-            self.appender.append(hold, request.key_id.encode(), orjson.dumps(event))
+            self.appender.append(hold, request, ttl, now)
         return result, lag
 
     async def release(self, gate: Judge, key_id: str, request_id: str) -> None:

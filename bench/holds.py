@@ -1,0 +1,213 @@
+"""4b. Overshoot with holds (issue 15) and 1b. the latency of a reserving check.
+
+Overshoot: the section-4 setup (20 concurrent clients, one key with a $1.00/day limit, $0.01
+calls, a client stops at its first deny), but each call is a reserving check (``"reserve":
+true``, a fresh ``request_id``, ``estimated_cost_usd``) and its cost event carries the same
+``request_id`` (the settle). Variants: estimates equal to the cost, 2x too high, 2x too low; one
+API process, or two with the clients split between them.
+
+Latency: the gate bench's API (100,000 keys, no worker: a hold is counted by the gate that
+placed it, and its event is appended to ``spend.usage`` by that process), plain and reserving
+checks alternated at the same open-loop rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from bench import data
+from bench.common import log, summary
+from bench.stack import Stack, wait_http
+from spendgate.adapters.embedded import free_port
+
+VARIANTS: dict[str, tuple[str, int]] = {  # name -> (estimate for a $0.01 call, API processes)
+    "exact_1_api": ("0.01", 1),
+    "exact_2_apis": ("0.01", 2),
+    "high_2x_1_api": ("0.02", 1),
+    "low_2x_1_api": ("0.005", 1),
+    "high_2x_2_apis": ("0.02", 2),
+    "low_2x_2_apis": ("0.005", 2),
+}
+
+
+def trial_keys(n: int) -> dict[str, list[str]]:
+    tag = uuid.uuid4().hex[:6]
+    return {name: [f"kh{tag}{i}{name[:1]}{name[-5:]}" for i in range(n)] for name in VARIANTS}
+
+
+async def reserving_check(
+    client: httpx.AsyncClient, url: str, key: str, request_id: str, estimate: str
+) -> bool:
+    body = {"key_id": key, "reserve": True, "request_id": request_id, "estimated_cost_usd": estimate}
+    r = await client.post(f"{url}/v1/check", json=body)
+    r.raise_for_status()
+    answer = r.json()
+    if answer.get("degraded"):
+        raise RuntimeError(f"degraded answer: {answer}")
+    return bool(answer["allowed"])
+
+
+async def hold_trial(
+    urls: list[str], key: str, estimate: str, clients: int = 20, timeout_s: float = 60
+) -> dict[str, Any]:
+    from bench.live import post_events, spend_1d
+
+    admitted = 0
+    errors = 0
+    started = time.monotonic()
+
+    async def one(client: httpx.AsyncClient, url: str, c: int) -> None:
+        nonlocal admitted, errors
+        n = 0
+        while time.monotonic() - started < timeout_s:
+            n += 1
+            request_id = f"{key}-{c}-{n}"
+            if not await reserving_check(client, url, key, request_id, estimate):
+                return
+            event = data.usage_event(key, "0.01", model=None) | {"request_id": request_id}
+            try:
+                await post_events(client, url, [event])
+                admitted += 1
+            except RuntimeError:
+                errors += 1
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(headers=_headers(), timeout=10, limits=limits) as client:
+        await asyncio.gather(*(one(client, urls[c % len(urls)], c) for c in range(clients)))
+        took = time.monotonic() - started
+        await asyncio.sleep(1.5)
+        recorded = await spend_1d(client, urls[0], f"key:{key}")
+    return {
+        "admitted_calls": admitted,
+        "over_calls": admitted - 100,
+        "over_usd": round(admitted / 100 - 1.0, 2),
+        "recorded_usd": recorded / 1e9,
+        "errors": errors,
+        "duration_s": took,
+        "rate_calls_per_s": admitted / took if took else None,
+    }
+
+
+def _headers() -> dict[str, str]:
+    from bench.live import HEADERS
+
+    return HEADERS
+
+
+async def run_overshoot_holds(live: Any, keys: dict[str, list[str]]) -> dict[str, Any]:
+    """Every variant's trials; a second API process (same topics) serves the two-API ones."""
+    port = free_port()
+    second = live.stack.service("api", live.prefix, "live-api-2.log", SPENDGATE_API_PORT=str(port))
+    out: dict[str, Any] = {}
+    try:
+        wait_http(f"http://127.0.0.1:{port}/readyz", second, 120)
+        await _wait_budgets(f"http://127.0.0.1:{port}", [k for ks in keys.values() for k in ks])
+        for name, (estimate, apis) in VARIANTS.items():
+            urls = [live.url, f"http://127.0.0.1:{port}"][:apis]
+            trials = []
+            for key in keys[name]:
+                trials.append(await hold_trial(urls, key, estimate))
+                await asyncio.sleep(0.5)
+            out[name] = {
+                "estimate_usd": estimate,
+                "api_processes": apis,
+                "trials": trials,
+                "over_calls": summary([t["over_calls"] for t in trials]),
+                "over_usd": summary([t["over_usd"] for t in trials]),
+                "rate_calls_per_s": summary([t["rate_calls_per_s"] for t in trials]),
+            }
+            log(f"overshoot with holds, {name}: {[t['over_calls'] for t in trials]} calls over")
+    finally:
+        live.stack.stop_child(second, 10)
+    return out
+
+
+async def _wait_budgets(url: str, keys: list[str], timeout_s: float = 60) -> None:
+    """The second API has every trial key's budget (it followed spend.config)."""
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(headers=_headers(), timeout=10) as client:
+        for key in keys:
+            while True:
+                body = (await client.get(f"{url}/v1/spend/key:{key}")).json()
+                if any(w.get("limit_usd") == "1" for w in body.get("windows", ())):
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"second API: no budget for key:{key}")
+                await asyncio.sleep(0.1)
+
+
+# --------------------------------------------------------------------------- latency
+
+
+def write_reserve_bodies(path: Path, keys: int, n: int, tag: str) -> None:
+    """Like the gate bench's bodies, each a reserving check with its own request id."""
+    import random
+
+    rng = random.Random(7)
+    with open(path, "wb") as f:
+        for j in range(n):
+            i = rng.randrange(keys)
+            body = {
+                "key_id": f"k{i}",
+                "model": f"m{i % 50}",
+                "reserve": True,
+                "request_id": f"{tag}-{j}",
+                "estimated_cost_usd": "0.000001",
+            }
+            f.write(orjson.dumps(body) + b"\n")
+
+
+def run_reserve_latency(stack: Stack, workdir: Path, keys: int, quick: bool) -> dict[str, Any]:
+    from bench import gate
+    from bench.common import pin
+    from bench.stack import ADMIN_TOKEN, rss_mib
+
+    rate = 2000
+    reps = 2 if quick else 3
+    duration, warmup = (2.0, 0.5) if quick else (4.0, 1.0)
+    port = free_port()
+    api = stack.service("api", "gate.", "reserve-api.log", SPENDGATE_API_PORT=str(port))
+    try:
+        wait_http(f"http://127.0.0.1:{port}/readyz", api, 300)
+        pin(api.pid, gate.SERVER_CPU)
+        server = gate.Server("spendgate", api, port, ADMIN_TOKEN)
+        plain = workdir / "check-bodies.jsonl"
+        gate.write_bodies(plain, keys)
+        per_run = int(rate * (duration + warmup + 1)) + 1000
+        gate.shoot(server, plain, 500, 1.0, 0.2)  # warm
+        warm = workdir / "reserve-bodies-warm.jsonl"
+        write_reserve_bodies(warm, keys, 1000, "warm")
+        gate.shoot(server, warm, 500, 1.0, 0.2)
+        runs: dict[str, list[dict[str, Any]]] = {"plain": [], "reserve": []}
+        for rep in range(reps):  # alternated, so drift on the shared machine hits both alike
+            runs["plain"].append(gate.shoot(server, plain, rate, duration, warmup))
+            bodies = workdir / f"reserve-bodies-{rep}.jsonl"
+            write_reserve_bodies(bodies, keys, per_run, f"r{rep}-{uuid.uuid4().hex[:6]}")
+            runs["reserve"].append(gate.shoot(server, bodies, rate, duration, warmup))
+        out: dict[str, Any] = {"rate": rate, "raw": runs, "rss_mib_after": rss_mib(api.pid)}
+        for name, rs in runs.items():
+            out[name] = {q: summary([r[f"{q}_ms"] for r in rs]) for q in ("p50", "p99", "p999", "max")} | {
+                "achieved_rate": summary([r["achieved_rate"] for r in rs]),
+                "non_2xx": sum(r["completed"] - r["ok"] for r in rs),
+                "missing": sum(r["missing"] for r in rs),
+            }
+        p99_plain, p99_reserve = out["plain"]["p99"]["median"], out["reserve"]["p99"]["median"]
+        out["p99_ratio"] = p99_reserve / p99_plain if p99_plain else None
+        out["setup"] = {
+            "reps": reps,
+            "duration_s": duration,
+            "warmup_s": warmup,
+            "connections": 64,
+            "request": "POST /v1/check {key_id, model[, reserve, request_id, estimated_cost_usd]}",
+        }
+        log(f"reserve latency @ {rate}/s: plain p99 {p99_plain:.2f} ms, reserve p99 {p99_reserve:.2f} ms")
+        return out
+    finally:
+        stack.stop_child(api, 10)
