@@ -178,7 +178,9 @@ def test_state_total_window_has_no_bounds() -> None:
         ],
     )
     out = json.loads(state.model_dump_json())
-    assert out["windows"] == [{"window": "total", "start": None, "resets_at": None, "spend_usd": "17.2", "reserved_usd": "0"}]
+    assert out["windows"] == [
+        {"window": "total", "start": None, "resets_at": None, "spend_usd": "17.2", "reserved_usd": "0"}
+    ]
 
 
 def test_alert_kinds_are_closed() -> None:

@@ -218,12 +218,12 @@ class GateState:
         self.states[scope] = HeldState(
             as_of, windows, {w.window: (w.start, w.resets_at, w.spend) for w in windows}, marks
         )
-        held = max(
+        reserved = max(
             (nanos(w["reserved_usd"]) for w in value.get("windows") or () if "reserved_usd" in w), default=0
         )
-        until = epoch(value.get("holds_expire_at")) if held else None
-        if held and until is not None:
-            self.reserved[scope] = (held, until)
+        until = epoch(value.get("holds_expire_at")) if reserved else None
+        if reserved and until is not None:
+            self.reserved[scope] = (reserved, until)
         else:
             self.reserved.pop(scope, None)
         if self.local.pending:
