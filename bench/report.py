@@ -185,6 +185,30 @@ def markdown(res: dict[str, Any]) -> str:
         for x in oh.values():
             L.append(f"| ${x['estimate_usd']} | {x['api_processes']} | {_m(x['over_calls'], 0)} | "
                      f"{_m(x['over_usd'])} | {[t['over_calls'] for t in x['trials']]} | {_m(x['rate_calls_per_s'], 0)} |")
+        L.append("")
+        L.append("What bounds it. **One API process**: a reserving check is judged and, when allowed, its hold "
+                 "counted in the same synchronous step on the process's one event loop, so no concurrent check "
+                 "can be judged without it; when estimates equal costs the admitted spend never exceeds the "
+                 "limit (the bound is one call's estimate error). **Two API processes**: each counts its own "
+                 "holds at once but the other's only once they arrive through the log (hold event appended → "
+                 "worker → `spend.state` → the other's follower): the propagation delay *d*, about the "
+                 "enforcement delay of section 3. Until then each process can admit what the other has "
+                 "already held, so overshoot ≤ (calls the other process admits per second) × *d*, summed over "
+                 "both processes; with N processes it grows with N−1. Estimates 2× too low overshoot by the "
+                 "missing half of every call the gate still sees as a hold: the calls in flight plus those "
+                 "whose cost is still propagating (20 + rate × *d* calls × $0.005; plus the propagation term "
+                 "with two processes); 2× too high stop clients early (each stops at its "
+                 "first deny), which shows as a negative figure: held money that would have been spent.")
+        ex2 = oh.get("exact_2_apis")
+        en = res.get("enforce") or {}
+        if ex2 and ex2["rate_calls_per_s"].get("median") and en.get("p50_ms"):
+            rate, d = ex2["rate_calls_per_s"]["median"], en["p50_ms"] / 1000
+            L.append(f"\nWith the figures of this run: {rate:.0f} calls/s over both processes and *d* ≈ "
+                     f"{d * 1000:.0f} ms (section 3, p50) give rate × *d* ≈ {rate * d:.0f} calls; measured: "
+                     f"{_m(ex2['over_calls'], 0)}.")
+        L.append("\nOut of scope, a way to bound N replicas by one call too: lease each replica a slice of a "
+                 "scope's remaining budget (through the log, like holds), so a replica only admits against "
+                 "its own lease and asks for more when it runs low.")
         one = oh.get("exact_1_api")
         if one:
             worst = one["over_calls"].get("max")
