@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install litellm-venv run test lint schemas bench clean kafka test-kafka
+.PHONY: help install litellm-venv run test lint schemas bench clean kafka test-kafka chromium
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -42,7 +42,19 @@ litellm-venv: $(LITELLM_STAMP) ## The LiteLLM proxy's own venv (.venv-litellm/) 
 run: install ## Start the embedded stack: broker, Postgres, worker, API (Ctrl-C stops it)
 	$(BIN)/spendgate dev
 
-test: install $(LITELLM_STAMP) ## Run the whole test suite (starts its own broker, Postgres, LiteLLM proxy)
+# The dashboard's browser tests (tests/e2e/test_dashboard_browser.py) drive Debian's Chromium
+# through Playwright (PyPI, dev extras); Playwright never downloads a browser. Installed from
+# Debian only when missing (as root, or with sudo), each apt-get bounded.
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	@echo "installing Debian's chromium for the browser tests"
+	@SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); export DEBIAN_FRONTEND=noninteractive; \
+	timeout 600 $$SUDO apt-get install -y -q chromium || \
+	{ timeout 300 $$SUDO apt-get update -q && timeout 600 $$SUDO apt-get install -y -q chromium; }
+
+chromium: $(CHROMIUM) ## Debian's Chromium for the dashboard's browser tests (only when missing)
+
+test: install $(LITELLM_STAMP) $(CHROMIUM) ## Run the whole test suite (starts its own broker, Postgres, LiteLLM proxy, Chromium)
 	$(BIN)/pytest -q
 
 kafka: install ## Real Apache Kafka (3 KRaft brokers, fetched with Maven once) until Ctrl-C

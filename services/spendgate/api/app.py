@@ -184,6 +184,7 @@ def create_app(settings: Settings, *, follower: TopicFollower | None = None) -> 
         allow = [h.strip() for h in settings.webhook_allow_hosts.split(",") if h.strip()]
         app.include_router(webhooks_router(WebhookStore(repo.pool, timeout_s=repo.timeout_s), tokens, allow))
     app.state.gate = gate
+    app.state.dashboard = dashboard
     app.state.follower = the_follower
     app.state.tokens = tokens
     app.state.metrics = metrics

@@ -96,25 +96,30 @@ class Dashboard:
         self._computing: asyncio.Future[list[OverviewRow]] | None = None
 
     async def overview(self, now: float) -> list[OverviewRow]:
-        """The sorted overview, at most ``OVERVIEW_TTL_S`` old. Computed in a thread from a
-        snapshot of the budgets (100,000 scopes: ~0.3 s of CPU that would otherwise stall every
-        check on the event loop); concurrent callers share one computation."""
+        """The sorted overview, recomputed when older than ``OVERVIEW_TTL_S``.
+
+        Computed in a thread from a snapshot of the budgets (100,000 scopes: ~0.3 s of CPU that
+        would otherwise stall every check on the event loop); concurrent callers share one
+        computation. Once there is a result, an expired one is answered at once while the next
+        is computed (stale by at most the TTL plus one computation): only the first caller waits.
+        """
         cached = self._overview
         if cached is not None and 0 <= now - cached[0] < OVERVIEW_TTL_S:
             return cached[1]
         if self._computing is None:
             snapshot = list(self.state.budgets.items())
-            self._computing = asyncio.ensure_future(
-                asyncio.to_thread(overview_rows, self.state, now, snapshot)
-            )
-        computing = self._computing
-        try:
-            rows = await asyncio.shield(computing)
-        finally:
-            if self._computing is computing and computing.done():
+            computing = asyncio.ensure_future(asyncio.to_thread(overview_rows, self.state, now, snapshot))
+
+            def done(task: "asyncio.Future[list[OverviewRow]]", at: float = now) -> None:
                 self._computing = None
-        self._overview = (now, rows)
-        return rows
+                if not task.cancelled() and task.exception() is None:
+                    self._overview = (at, task.result())
+
+            computing.add_done_callback(done)
+            self._computing = computing
+        if cached is not None:
+            return cached[1]
+        return await asyncio.shield(self._computing)
 
     async def top(
         self, kind: str, window: str, now: float, limit: int, visible: Callable[[str], bool] | None

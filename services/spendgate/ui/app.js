@@ -49,7 +49,7 @@ async function signIn(token) {
     showSignin(signinMessage(err));
     return;
   }
-  if (!location.hash || location.hash === "#/signin") location.hash = "#/overview";
+  if (!location.hash || location.hash === "#/signin") history.replaceState(null, "", "#/overview");
   start();
 }
 
@@ -80,8 +80,14 @@ function route() {
 
 const PAGES = { overview: renderOverview, scope: renderScope, top: renderTop };
 
-async function refresh() {
+// A poll while the same page is still loading is skipped (a slow answer is never thrown away
+// by the next poll); a navigation supersedes whatever is in flight.
+let inFlight = null;
+async function refresh(fromPoll) {
+  const key = location.hash;
+  if (fromPoll === true && inFlight === key) return;
   const seq = ++renderSeq;
+  inFlight = key;
   const r = route();
   document.querySelectorAll("nav a").forEach((a) => a.classList.toggle("active", a.dataset.page === r.page));
   try {
@@ -97,6 +103,8 @@ async function refresh() {
       lastOk = Date.now();
     }
     // other errors (network, 5xx): keep what is shown; the freshness line turns stale
+  } finally {
+    if (seq === renderSeq) inFlight = null;
   }
   freshness();
 }
@@ -134,13 +142,13 @@ function freshness() {
 
 function startPolling() {
   stopPolling();
-  pollTimer = setInterval(refresh, POLL_MS);
+  pollTimer = setInterval(() => refresh(true), POLL_MS);
 }
 function stopPolling() { if (pollTimer) clearInterval(pollTimer); pollTimer = null; }
 
 function start() {
   $("#signin").hidden = true; $("#page").hidden = false; $("#nav").hidden = false; $("#signout").hidden = false;
-  refresh();
+  refresh(false);
   startPolling();
 }
 
@@ -352,7 +360,7 @@ document.addEventListener("DOMContentLoaded", () => {
     signIn(token);
   });
   $("#signout").addEventListener("click", () => signOut("Signed out."));
-  window.addEventListener("hashchange", () => { if (sessionStorage.getItem(TOKEN_KEY)) refresh(); });
+  window.addEventListener("hashchange", () => { if (sessionStorage.getItem(TOKEN_KEY)) refresh(false); });
   setInterval(tick, 1000);
   if (sessionStorage.getItem(TOKEN_KEY)) start(); else showSignin("");
 });
