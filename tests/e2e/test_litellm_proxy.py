@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.kafka_helpers import ServiceProcess, eventually, running_services
+from tests.kafka_helpers import ServiceProcess, eventually, read_all, running_services
 from tests.litellm_helpers import LITELLM_BIN, FakeOpenAI, LiteLLMProxy, write_config
 
 from spendgate.adapters.embedded import free_port
@@ -58,6 +58,7 @@ class World:
     restart_api: Callable[[], Awaitable[None]]
     stop_api: Callable[[], None]
     upstream: FakeOpenAI
+    settings: Settings
 
     async def chat(self, key: str, **body: Any) -> httpx.Response:
         body.setdefault("model", "gpt-4o-mini")
@@ -150,7 +151,7 @@ async def world(
         try:
             ready_s = await asyncio.to_thread(proxy.wait_ready, 180.0)
             print(f"stack + proxy ready in {time.monotonic() - started:.1f} s (proxy {ready_s:.1f} s)")
-            yield World(proxy, admin, api_url, restart_api, stop_api, upstream)
+            yield World(proxy, admin, api_url, restart_api, stop_api, upstream, settings)
         finally:
             proxy.stop()
             print(f"--- litellm.log (tail) ---\n{proxy.log()}")
@@ -187,6 +188,14 @@ async def test_an_allowed_call_charges_its_exact_cost_to_every_scope(world: Worl
         assert await world.spend(scope) == cost, scope
     for forged in ("team:t-evil", "key:k-evil"):
         assert await world.spend(forged) == 0, forged
+    # The pre-call hook reserved the estimate (a hold) and the usage event settled it.
+    alice = key_hash("sk-e2e-alice")
+    events = [v for _, v in await read_all(world.settings, "usage") if v.get("key_id") == alice]
+    [held] = [e for e in events if e.get("kind") == "hold"]
+    [charged] = [e for e in events if e.get("kind", "cost") == "cost"]
+    assert charged["request_id"] == held["request_id"] and Decimal(held["estimated_cost_usd"]) > 0
+    view = await world.admin.spend(scopes[0])
+    assert all(w.reserved_usd == 0 for w in view.windows)
 
 
 async def test_a_streaming_call_is_charged_once(world: World) -> None:

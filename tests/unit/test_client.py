@@ -273,6 +273,25 @@ def test_spend_reads_the_view_with_its_encoded_scope(gate_factory: Any) -> None:
     assert got.spend() == Decimal("1.25") and got.spend("1d") == 0
 
 
+def test_a_reserving_check_sends_reserve_and_its_request_and_spend_reads_reserved() -> None:
+    from spendgate.client.http import authorize_params, check_body
+    from spendgate.client.types import SpendView
+
+    body = check_body("k1", estimated_cost_usd=0.01, request_id="r1", reserve=True, hold_ttl_s=60)
+    assert body == {
+        "key_id": "k1",
+        "request_id": "r1",
+        "estimated_cost_usd": "0.01",
+        "reserve": True,
+        "hold_ttl_s": 60,
+    }
+    assert authorize_params(body) == {"key_id": "k1", "estimated_cost_usd": "0.01"}
+    assert "reserve" not in check_body("k1", request_id="r1")
+    window = {"window": "total", "spend_usd": "1", "reserved_usd": "0.5"}
+    view = SpendView.from_json({"scope": "key:k1", "blocked": False, "windows": [window]})
+    assert view.windows[0].reserved_usd == Decimal("0.5")
+
+
 # -- the usage reporter --------------------------------------------------------------------------
 
 

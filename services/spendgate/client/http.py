@@ -73,8 +73,14 @@ def check_body(
     org_id: str | None = None,
     estimated_cost_usd: float | int | str | Decimal | None = None,
     request_id: str | None = None,
+    reserve: bool = False,
+    hold_ttl_s: int | None = None,
 ) -> dict[str, Any]:
-    """The body of ``POST /v1/check`` (CONTRACT §4); ``None`` fields are left out."""
+    """The body of ``POST /v1/check`` (CONTRACT §4); ``None`` fields are left out.
+
+    ``reserve``: hold ``estimated_cost_usd`` for ``request_id`` when allowed (both needed); the
+    usage event with the same ``request_id`` settles the hold, ``release_hold`` releases it.
+    """
     body: dict[str, Any] = {"key_id": key_id}
     optional = {
         "end_user_id": end_user_id,
@@ -90,11 +96,21 @@ def check_body(
         body["tags"] = tag_list
     if estimated_cost_usd is not None:
         body["estimated_cost_usd"] = exact_usd(estimated_cost_usd)
+    if reserve:
+        body["reserve"] = True
+        if hold_ttl_s is not None:
+            body["hold_ttl_s"] = hold_ttl_s
     return body
 
 
+def hold_path(request_id: str) -> str:
+    return "/v1/holds/" + quote(request_id, safe="")
+
+
 def authorize_params(body: Mapping[str, Any]) -> dict[str, str]:
-    params = {k: str(v) for k, v in body.items() if k not in ("tags", "request_id")}
+    params = {
+        k: str(v) for k, v in body.items() if k not in ("tags", "request_id", "reserve", "hold_ttl_s")
+    }
     if body.get("tags"):
         params["tags"] = ",".join(body["tags"])
     return params
@@ -213,6 +229,18 @@ class SpendgateClient:
         self.stats.count(result)
         return result
 
+    def release_hold(self, key_id: str, request_id: str) -> None:
+        """``DELETE /v1/holds/{request_id}?key_id=…`` (idempotent); raises a ``SpendgateError``
+        (retryable on 5xx and transport errors) unless 204. A hold never released expires."""
+        try:
+            response = self._http.delete(hold_path(request_id), params={"key_id": key_id})
+        except httpx.HTTPError as exc:
+            raise SpendgateError(_reason(exc), retryable=True) from exc
+        if response.status_code != 204:
+            raise SpendgateError(
+                _message(response), status=response.status_code, retryable=response.status_code >= 500
+            )
+
     def spend(self, scope: str) -> SpendView:
         """``GET /v1/spend/{scope}``; raises ``SpendgateError`` unless 200."""
         try:
@@ -299,6 +327,17 @@ class AsyncSpendgateClient:
             log.warning("spendgate check failed (%s): fail %s", result.failed, self.settings.fail_mode)
         self.stats.count(result)
         return result
+
+    async def release_hold(self, key_id: str, request_id: str) -> None:
+        """As ``SpendgateClient.release_hold``."""
+        try:
+            response = await self._http.delete(hold_path(request_id), params={"key_id": key_id})
+        except httpx.HTTPError as exc:
+            raise SpendgateError(_reason(exc), retryable=True) from exc
+        if response.status_code != 204:
+            raise SpendgateError(
+                _message(response), status=response.status_code, retryable=response.status_code >= 500
+            )
 
     async def spend(self, scope: str) -> SpendView:
         try:

@@ -140,6 +140,8 @@ class SpendWindow:
     remaining_usd: Decimal | None
     soft_usd: Decimal | None
     resets_at: str | None
+    reserved_usd: Decimal = Decimal(0)
+    """What outstanding holds keep in this window (``remaining_usd`` is net of it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +165,7 @@ class SpendView:
                     remaining_usd=_dec(w.get("remaining_usd")),
                     soft_usd=_dec(w.get("soft_usd")),
                     resets_at=w.get("resets_at"),
+                    reserved_usd=Decimal(str(w.get("reserved_usd", "0"))),
                 )
                 for w in body.get("windows", ())
             ),

@@ -9,12 +9,16 @@ With ``SPENDGATE_URL`` and ``SPENDGATE_TOKEN`` (a ``gateway`` token) set, that l
   ``SPENDGATE_LITELLM_DEFAULT_MAX_TOKENS``, default 256) of output, priced from the deployment's
   entry in litellm's cost map. Denied: 429 with ``Retry-After`` and an OpenAI-style error that
   names the blocked scope, window, spend and limit. Gate unreachable: ``SPENDGATE_FAIL_MODE``
-  (``open`` lets the call through, ``closed`` answers 503).
+  (``open`` lets the call through, ``closed`` answers 503). When there is an estimate the check
+  *reserves* it (a hold, CONTRACT §4) under a fresh ``request_id``, so concurrent calls see it
+  at once (``SPENDGATE_LITELLM_RESERVE=0`` turns that off).
 - after it (``async_log_success_event``, and ``async_log_failure_event`` when a failed call
   still cost money) one usage event: ``event_id`` is a uuid the pre-call hook wrote into the
   request metadata (never ``litellm_call_id``, which a client can set with
   ``x-litellm-call-id``), ``occurred_at`` is the call's start, ``cost_usd`` is LiteLLM's
-  ``response_cost`` as an exact decimal. Calls the hook refused cost nothing and are not sent.
+  ``response_cost`` as an exact decimal, ``request_id`` the hold's (the event settles it). Calls
+  the hook refused cost nothing and are not sent; a reserved call that failed for free has its
+  hold released (``DELETE /v1/holds/…``; were that to fail, the hold expires).
 - identity comes from LiteLLM's authentication only: the metadata stash is signed with a
   per-process secret, so a client that sends its own ``spendgate`` metadata gains nothing.
 
@@ -101,6 +105,7 @@ class SpendgateLiteLLM(CustomLogger):
         self._secret = secrets.token_bytes(32)
         self._prices: dict[str, tuple[Decimal, Decimal] | None] = {}
         self.default_max_tokens = int(os.environ.get("SPENDGATE_LITELLM_DEFAULT_MAX_TOKENS", "256"))
+        self.reserve = os.environ.get("SPENDGATE_LITELLM_RESERVE", "1") not in ("0", "false", "no")
 
     # -- wiring (lazy: the proxy imports this module before it reads its environment) ------------
 
@@ -135,6 +140,8 @@ class SpendgateLiteLLM(CustomLogger):
     ) -> dict[str, Any]:
         metadata = _metadata_of(data)
         identity = self._identity(user_api_key_dict, data, metadata)
+        estimate = self.estimate(data, identity["model"])
+        request_id = str(uuid.uuid4()) if self.reserve and estimate is not None else None
         result = await self.client.check(
             identity["key_id"],
             end_user_id=identity["end_user_id"],
@@ -143,11 +150,13 @@ class SpendgateLiteLLM(CustomLogger):
             user_id=identity["user_id"],
             team_id=identity["team_id"],
             org_id=identity["org_id"],
-            estimated_cost_usd=self.estimate(data, identity["model"]),
+            estimated_cost_usd=estimate,
+            request_id=request_id,
+            reserve=request_id is not None,
         )
         if not result.allowed:
             raise self._denied(result)
-        stash = {**identity, "event_id": str(uuid.uuid4())}
+        stash = {**identity, "event_id": str(uuid.uuid4()), "request_id": request_id}
         stash["sig"] = self._sign(stash)
         metadata[STASH] = stash
         return data
@@ -260,18 +269,31 @@ class SpendgateLiteLLM(CustomLogger):
     async def async_log_failure_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
     ) -> None:
-        self._charge(kwargs, start_time, failed=True)
+        if not self._charge(kwargs, start_time, failed=True):
+            await self._release(kwargs)
 
-    def _charge(self, kwargs: dict[str, Any], start_time: Any, *, failed: bool) -> None:
+    def _charge(self, kwargs: dict[str, Any], start_time: Any, *, failed: bool) -> bool:
+        """Report the call's usage event; False when there was nothing to charge."""
         try:
             event = self.usage_event_of(kwargs, start_time, failed=failed)
         except Exception:  # noqa: BLE001 - never break LiteLLM's logging worker; say what happened
             log.exception(
                 "spendgate: could not build the usage event of call %s", kwargs.get("litellm_call_id")
             )
-            return
+            return False
         if event is not None:
             self.reporter.report(event)
+        return event is not None
+
+    async def _release(self, kwargs: dict[str, Any]) -> None:
+        """Release the hold of a reserved call that cost nothing (else it would wait for its TTL)."""
+        stash = self._verified(kwargs.get("litellm_params") or {})
+        if not stash or not stash.get("request_id"):
+            return
+        try:
+            await self.client.release_hold(stash["key_id"], stash["request_id"])
+        except Exception as exc:  # noqa: BLE001 - the hold expires anyway: say so, never raise here
+            log.warning("spendgate: hold %s not released (%s); it expires", stash["request_id"], exc)
 
     def usage_event_of(
         self, kwargs: dict[str, Any], start_time: Any, *, failed: bool
@@ -300,7 +322,7 @@ class SpendgateLiteLLM(CustomLogger):
             user_id=identity.get("user_id"),
             team_id=identity.get("team_id"),
             org_id=identity.get("org_id"),
-            request_id=_clean(kwargs.get("litellm_call_id")),
+            request_id=(stash or {}).get("request_id") or _clean(kwargs.get("litellm_call_id")),
             input_tokens=_int(slo.get("prompt_tokens")),
             output_tokens=_int(slo.get("completion_tokens")),
         )
