@@ -172,6 +172,9 @@ def run_reserve_latency(stack: Stack, workdir: Path, keys: int, quick: bool) -> 
     rate = 2000
     reps = 2 if quick else 3
     duration, warmup = (2.0, 0.5) if quick else (4.0, 1.0)
+    import os
+
+    load_at_start = os.getloadavg()[0]
     port = free_port()
     api = stack.service("api", "gate.", "reserve-api.log", SPENDGATE_API_PORT=str(port))
     try:
@@ -185,16 +188,35 @@ def run_reserve_latency(stack: Stack, workdir: Path, keys: int, quick: bool) -> 
         warm = workdir / "reserve-bodies-warm.jsonl"
         write_reserve_bodies(warm, keys, 1000, "warm")
         gate.shoot(server, warm, 500, 1.0, 0.2)
+        import psutil
+
+        process = psutil.Process(api.pid)
+
+        def shoot(bodies: Path) -> dict[str, Any]:
+            """One run, and the API process's CPU per request (user + system, load-independent)."""
+            before = sum(process.cpu_times()[:2])
+            result = gate.shoot(server, bodies, rate, duration, warmup)
+            result["api_cpu_us_per_request"] = (
+                (sum(process.cpu_times()[:2]) - before) / result["completed"] * 1e6
+            )
+            return result
+
         runs: dict[str, list[dict[str, Any]]] = {"plain": [], "reserve": []}
         for rep in range(reps):  # alternated, so drift on the shared machine hits both alike
-            runs["plain"].append(gate.shoot(server, plain, rate, duration, warmup))
+            runs["plain"].append(shoot(plain))
             bodies = workdir / f"reserve-bodies-{rep}.jsonl"
             write_reserve_bodies(bodies, keys, per_run, f"r{rep}-{uuid.uuid4().hex[:6]}")
-            runs["reserve"].append(gate.shoot(server, bodies, rate, duration, warmup))
-        out: dict[str, Any] = {"rate": rate, "raw": runs, "rss_mib_after": rss_mib(api.pid)}
+            runs["reserve"].append(shoot(bodies))
+        out: dict[str, Any] = {
+            "rate": rate,
+            "raw": runs,
+            "rss_mib_after": rss_mib(api.pid),
+            "load_avg": [load_at_start, os.getloadavg()[0]],
+        }
         for name, rs in runs.items():
             out[name] = {q: summary([r[f"{q}_ms"] for r in rs]) for q in ("p50", "p99", "p999", "max")} | {
                 "achieved_rate": summary([r["achieved_rate"] for r in rs]),
+                "api_cpu_us_per_request": summary([r["api_cpu_us_per_request"] for r in rs]),
                 "non_2xx": sum(r["completed"] - r["ok"] for r in rs),
                 "missing": sum(r["missing"] for r in rs),
             }

@@ -222,10 +222,16 @@ def markdown(res: dict[str, Any]) -> str:
         L.append(f"The gate bench's API and data (section 1), no worker; plain and reserving checks alternated, "
                  f"open loop at {rv['rate']:,}/s, {rv['setup']['reps']} runs each. A reserving check also places "
                  "the hold in memory and queues its event for `spend.usage` (appended by the same process).\n")
-        L.append("| request | p50 ms | p99 ms | p99.9 ms | non-2xx |\n|---|---|---|---|---|")
+        L.append("| request | p50 ms | p99 ms | p99.9 ms | achieved /s | API CPU µs per request | non-2xx |\n"
+                 "|---|---|---|---|---|---|---|")
         for name in ("plain", "reserve"):
             x = rv[name]
-            L.append(f"| {name} | {_m(x['p50'])} | {_m(x['p99'])} | {_m(x['p999'])} | {x['non_2xx']} |")
+            L.append(f"| {name} | {_m(x['p50'])} | {_m(x['p99'])} | {_m(x['p999'])} | {_m(x['achieved_rate'], 0)} | "
+                     f"{_m(x.get('api_cpu_us_per_request'), 0)} | {x['non_2xx']} |")
+        load = rv.get("load_avg")
+        if load:
+            L.append(f"\nLoad average (1 min) when the phase started and ended: {load[0]:.1f}, {load[1]:.1f} "
+                     "(2 cores, shared with other work).")
         ratio = rv.get("p99_ratio")
         targets.append(("reserving check p99 / plain check p99 at 2,000/s", "<= 1.2",
                         fmt(ratio), None if ratio is None else ratio <= 1.2))

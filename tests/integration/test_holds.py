@@ -7,6 +7,7 @@ settled, released, voided, duplicated and expired) and diffs it against live ``s
 
 from __future__ import annotations
 
+import asyncio
 import io
 import uuid
 from collections.abc import AsyncIterator
@@ -17,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from tests.integration.test_gate import running, wait_ready
 from tests.kafka_helpers import ServiceProcess, eventually, latest, produce
 
@@ -37,6 +40,7 @@ class World:
     client: httpx.AsyncClient
     worker: ServiceProcess
     logs: Path
+    app: Any
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +60,10 @@ async def world(
     await ensure_topics(settings)
     worker = ServiceProcess("worker", settings, logs / "worker.log").start()
     try:
-        async with running(create_app(settings)) as client:
+        app = create_app(settings)
+        async with running(app) as client:
             await wait_ready(client)
-            yield World(settings, client, worker, logs)
+            yield World(settings, client, worker, logs, app)
     finally:
         worker.stop()
         print(f"--- worker (tail) ---\n{worker.log()}")
@@ -125,6 +130,20 @@ def hold(key: str, request_id: str, usd: str, ttl: int = 600, **fields: Any) -> 
     }
 
 
+async def record_at(settings: Settings, short_topic: str, partition: int, offset: int) -> dict[str, Any]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tp = TopicPartition(settings.topic(short_topic), partition)
+        consumer.assign([tp])
+        consumer.seek(tp, offset)
+        record = await asyncio.wait_for(consumer.getone(), 10)
+        assert record.offset == offset
+        return dict(orjson.loads(record.value))
+    finally:
+        await consumer.stop()
+
+
 async def post_events(w: World, *events: dict[str, Any]) -> None:
     resp = await w.client.post("/v1/events", json=list(events), headers=AUTH)
     assert resp.status_code == 202, resp.text
@@ -189,6 +208,29 @@ async def test_delete_releases_a_hold_here_at_once_and_everywhere_through_the_lo
     assert again.status_code == 204  # a release repeated changes nothing
     await post_events(world, cost(key, "r1", "0.30"))  # the released call's cost is still a cost
     await settles_to(world, f"key:{key}", "0.3", "0.2")
+
+
+async def test_the_gate_knows_where_each_of_its_hold_events_landed(world: World) -> None:
+    """It counts a hold until a state record reflects that offset: it must be the hold's own."""
+    keys = [new_key() for _ in range(3)]
+    for key in keys:
+        await budget(world, f"key:{key}", "1")
+    answers = await asyncio.gather(*(check(world, keys[n % 3], f"r{n}", "0.01") for n in range(12)))
+    assert all(a["allowed"] for a in answers)
+    local = world.app.state.gate.state.local
+    holds = [local.requests[(keys[n % 3], f"r{n}")] for n in range(12)]
+
+    async def placed() -> None:
+        assert all(h.place is not None for h in holds)
+
+    await eventually(placed, timeout=10, interval=0.05)
+    for hold in holds:
+        landed = await record_at(world.settings, "usage", *hold.place)
+        assert (landed["kind"], landed["key_id"], landed["request_id"]) == (
+            "hold",
+            hold.key_id,
+            hold.request_id,
+        )
 
 
 # --- exactly once ------------------------------------------------------------------------------------

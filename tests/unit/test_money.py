@@ -174,3 +174,24 @@ def test_float_input_is_read_through_its_shortest_repr(value: float) -> None:
             parse_cost(value)
     else:
         assert to_decimal(parse_cost(value)) == expected
+
+
+@given(
+    whole=st.integers(0, 10**13),
+    frac=st.one_of(st.none(), st.text("0123456789", min_size=1, max_size=12)),
+    pad=st.integers(0, 3),
+)
+def test_the_plain_text_fast_path_parses_like_decimal(whole: int, frac: str | None, pad: int) -> None:
+    from spendgate.domain.money import MAX_COST_NANOS, parse_usd
+
+    text = "0" * pad + str(whole) + ("" if frac is None else "." + frac)
+    for maximum in (MAX_COST_NANOS, 10**21):
+        try:
+            got: object = parse_usd(text, maximum=maximum)
+        except InvalidInput as exc:
+            got = type(exc)
+        amount = Decimal(text)
+        if amount > Decimal(maximum).scaleb(-9) or amount != amount.quantize(Decimal("1e-9")):
+            assert got is InvalidInput, text
+        else:
+            assert got == int(amount.scaleb(9)), text

@@ -27,10 +27,12 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Annotated, Any, Protocol
 
 import orjson
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import murmur2
 from fastapi import APIRouter, Depends, Path, Query, Response
 
 from spendgate.api.auth import TokenCache, gate_dependency
@@ -45,6 +47,12 @@ from spendgate.domain.money import format_usd
 log = logging.getLogger(__name__)
 
 QUEUE_LIMIT = 100_000  # hold events waiting for the broker; beyond it they stay local only
+
+
+@lru_cache(maxsize=100_000)
+def _partition(key: bytes, count: int) -> int:
+    """Kafka's default partitioner (aiokafka's and the Java client's): murmur2 of the key."""
+    return (murmur2(key) & 0x7FFFFFFF) % count
 
 
 class Judge(Protocol):
@@ -129,16 +137,7 @@ class HoldAppender:
                     producer = self._factory()
                     await producer.start()
                     self._producer = producer
-                futures = [
-                    await self._producer.send(
-                        self.topic,
-                        orjson.dumps(hold_event(request, hold.request_id, ttl, now)),
-                        key=request.key_id.encode(),
-                    )
-                    for hold, request, ttl, now in batch
-                ]
-                for (hold, *_), meta in zip(batch, await asyncio.gather(*futures), strict=True):
-                    self._placed(hold, meta.partition, meta.offset)
+                await self._send(self._producer, batch)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - an outage: the holds stay local until their TTL
@@ -153,6 +152,34 @@ class HoldAppender:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(producer.stop(), 5)
                 await asyncio.sleep(0.5)
+
+    async def _send(
+        self, producer: AIOKafkaProducer, batch: list[tuple[LocalHold, CheckRequest, int, float]]
+    ) -> None:
+        """One record batch per partition, the partition the default partitioner gives the key
+        (murmur2, where every other usage event of the key goes); a record's offset is its
+        batch's base offset plus its index. About half the CPU of a ``send()`` per record, and
+        this runs for every reserving check."""
+        count = len(await producer.partitions_for(self.topic))
+        parts: dict[int, list[tuple[LocalHold, bytes, bytes]]] = {}
+        for hold, request, ttl, now in batch:
+            key = request.key_id.encode()
+            value = orjson.dumps(hold_event(request, hold.request_id, ttl, now))
+            parts.setdefault(_partition(key, count), []).append((hold, key, value))
+        sent: list[tuple[list[LocalHold], asyncio.Future[Any]]] = []
+        for partition, records in parts.items():
+            builder, held = producer.create_batch(), []
+            for hold, key, value in records:
+                if builder.append(timestamp=None, key=key, value=value) is None:  # full: send it
+                    sent.append((held, await producer.send_batch(builder, self.topic, partition=partition)))
+                    builder, held = producer.create_batch(), []
+                    builder.append(timestamp=None, key=key, value=value)
+                held.append(hold)
+            sent.append((held, await producer.send_batch(builder, self.topic, partition=partition)))
+        for held, future in sent:
+            meta = await future
+            for index, hold in enumerate(held):
+                self._placed(hold, meta.partition, meta.offset + index)
 
     def _placed(self, hold: LocalHold, partition: int, offset: int) -> None:
         local = self.state.local

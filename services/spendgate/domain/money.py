@@ -23,6 +23,9 @@ Nanos = int
 # contract's decimal strings (and the JSON Schema pattern) do not allow. A leading "-" is
 # matched only so that negatives get their own clear reason.
 _DECIMAL_TEXT = re.compile(r"-?[0-9]+(?:\.[0-9]+)?", re.ASCII)
+# The usual amount ("0.01", "12"): read as integers without Decimal. Every text it matches
+# parses to the same nanos through the general path (non-negative, at most nine decimals).
+_PLAIN = re.compile(r"([0-9]{1,16})(?:\.([0-9]{1,9}))?", re.ASCII)
 
 
 def parse_usd(value: object, *, field: str = "usd", maximum: Nanos = MAX_LIMIT_NANOS) -> Nanos:
@@ -31,6 +34,14 @@ def parse_usd(value: object, *, field: str = "usd", maximum: Nanos = MAX_LIMIT_N
     Raises ``InvalidInput`` for non-numbers, NaN, infinities, negatives, more than nine
     decimal places or amounts above ``maximum``.
     """
+    if type(value) is str:
+        plain = _PLAIN.fullmatch(value)
+        if plain is not None:  # the fast path: a check's estimate is parsed on every request
+            whole, frac = plain.groups()
+            nanos = int(whole) * NANOS_PER_USD + (int(frac.ljust(MAX_DECIMALS, "0")) if frac else 0)
+            if nanos > maximum:
+                raise InvalidInput(f"must be at most {format_usd(maximum)}", field=field)
+            return nanos
     if isinstance(value, bool) or not isinstance(value, str | int | float | Decimal):
         raise InvalidInput("must be a decimal string or number", field=field)
     if isinstance(value, str) and not _DECIMAL_TEXT.fullmatch(value.strip()):
