@@ -1,4 +1,4 @@
-"""``python -m bench [--only gate,worker,replay,enforce,overshoot,reserve,cold,micro,rebalance,writes] [--quick]``.
+"""``python -m bench [--only gate,worker,replay,enforce,overshoot,reserve,cold,micro,rebalance,writes,dashboard] [--quick]``.
 
 Starts its own embedded stack (Tansu + Postgres on free ports; spendgate worker/API as child
 processes), runs each measurement beside its baseline, writes BENCHMARKS.md and BENCHMARKS.json.
@@ -28,7 +28,7 @@ from bench.common import log
 
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("micro", "gate", "reserve", "cold", "worker", "replay", "enforce", "overshoot", "rebalance", "litellm",
-          "writes")
+          "writes", "dashboard")
 #: BENCHMARKS.json keys written by each phase (for ``--only`` merges).
 PHASE_KEYS = {
     "micro": ("micro",),
@@ -42,6 +42,7 @@ PHASE_KEYS = {
     "rebalance": ("rebalance",),
     "litellm": ("litellm",),
     "writes": ("writes",),
+    "dashboard": ("dashboard",),
 }
 
 
@@ -138,6 +139,10 @@ async def main_async(args: argparse.Namespace, results: dict[str, Any]) -> None:
             from bench import writes
 
             results["writes"] = await writes.run_writes_bench(stack, quick)
+        if "dashboard" in only:
+            from bench import dashboard
+
+            results["dashboard"] = await dashboard.run_dashboard_bench(stack, quick)
         if "cold" in only:
             scopes = 10_000 if quick else 50_000
             results["cold_worker"] = await coldstart.worker_cold_start(stack, "cold.", scopes, 10, 1 if quick else 2)

@@ -317,6 +317,9 @@ def markdown(res: dict[str, Any]) -> str:
                         f"{wr['same_api_first_check_denied']} of {wr['trials']}",
                         wr["same_api_first_check_denied"] == wr["trials"]))
 
+    from bench.dashboard import section as dashboard_section
+
+    L += dashboard_section(res)
     if targets:
         L.append("## Targets\n\n| target | wanted | measured | |\n|---|---|---|---|")
         L += [f"| {a} | {b} | {c} | {_pf(d)} |" for a, b, c, d in targets]

@@ -15,6 +15,7 @@ from spendgate.domain.series import (
     DAY,
     HOUR,
     SpendHistory,
+    merge_sorted,
     overview_rows,
     page,
     percent,
@@ -195,3 +196,27 @@ def test_paging_and_percent() -> None:
     assert [r.scope for r in page(rows, 5, 5)] == ["key:k5", "key:k6"]
     assert page(rows, 50, 5) == []
     assert percent(875_000) == "87.5" and percent(1_000_000) == "100" and percent(1) == "0.0001"
+
+
+def test_the_overview_computed_in_slices_and_merged_is_the_same_order() -> None:
+    state = GateState()
+    now = T0 + HOUR
+    for i in range(40):
+        scope = f"key:k{i:02d}"
+        budget(state, scope, "10", version=i + 1)
+        spend(state, scope, str((i * 7) % 13), now)
+        if i % 9 == 0:
+            block(state, scope, T0 + DAY - i)
+    items = list(state.budgets.items())
+    parts = [overview_rows(state, now, items[i : i + 7]) for i in range(0, len(items), 7)]
+    assert list(merge_sorted(parts)) == overview_rows(state, now)
+
+
+def test_top_over_slices_of_scopes_agrees_with_top_over_all() -> None:
+    h = SpendHistory()
+    for i in range(30):
+        h.apply_state(f"key:k{i:02d}", T0, ((i * 11) % 7 + 1) * USD)
+    whole = h.top("key", "1d", T0, 5)[1]
+    scopes = sorted(h.by_kind["key"])
+    pieces = [p for i in range(0, 30, 4) for p in h.top("key", "1d", T0, 5, among=scopes[i : i + 4])[1]]
+    assert sorted(pieces, key=lambda p: (-p[1], p[0]))[:5] == whole

@@ -26,7 +26,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from spendgate.domain.gate_state import CompiledBudget, GateState
 from spendgate.domain.money import Nanos
@@ -153,12 +153,14 @@ class SpendHistory:
         now: float,
         limit: int,
         visible: Callable[[str], bool] | None = None,
+        among: Iterable[str] | None = None,
     ) -> tuple[int | None, list[tuple[str, Nanos]]]:
         """The ``limit`` scopes of ``kind`` that spent most in ``window`` (see :func:`window_bounds_of`),
         highest first, ties by scope name; only those ``visible`` says yes to; zero spend left out.
+        ``among``: only these scopes (of ``kind``; a slice, for a caller that yields between slices).
         Returns (window start or None for ``total``, items)."""
         bounds = window_bounds_of(window, now)
-        scopes: Iterable[str] = tuple(self.by_kind.get(kind, ()))  # a snapshot (see _sum_range)
+        scopes: Iterable[str] = tuple(self.by_kind.get(kind, ())) if among is None else among
         if visible is not None:
             scopes = (s for s in scopes if visible(s))
         held = self.scopes
@@ -174,10 +176,12 @@ class SpendHistory:
 def _sum_range(held: ScopeHistory, start: int, end: int) -> Nanos:
     # tuple(d.items()) is one C call (atomic under the GIL): safe while the loop thread applies
     if start % DAY == 0 and end % DAY == 0:
-        first, last = start // DAY, end // DAY
-        return sum(n for d, n in tuple(held.days.items()) if first <= d < last)
-    first, last = start // HOUR, end // HOUR
-    return sum(n for h, n in tuple(held.hours.items()) if first <= h < last)
+        first, last, buckets = start // DAY, end // DAY, held.days
+    else:
+        first, last, buckets = start // HOUR, end // HOUR, held.hours
+    if last - first == 1:  # one bucket (this hour, today): the common case of top-N
+        return buckets.get(first, 0)
+    return sum(n for b, n in tuple(buckets.items()) if first <= b < last)
 
 
 def window_bounds_of(window: str, now: float) -> tuple[int, int] | None:
@@ -199,6 +203,7 @@ def window_bounds_of(window: str, now: float) -> tuple[int, int] | None:
 
 
 class OverviewRow(NamedTuple):
+    order: tuple[int, float, int, str]  # first, so rows sort natively: see _urgency
     scope: str
     blocked: bool
     resets_at: str | None  # when a blocked scope unblocks (the latest resets_at of its block)
@@ -210,59 +215,92 @@ class OverviewRow(NamedTuple):
     soft_crossed: bool  # some window's spend >= its soft limit
 
 
+def overview_row(state: GateState, scope: str, budget: CompiledBudget, now: float) -> OverviewRow:
+    """One budgeted scope's line of the overview: its most used window, blocked or not, soft."""
+    held = state.states.get(scope)
+    by_window = held.by_window if held is not None else None
+    best: tuple[int, str | None, Nanos, Nanos | None] = (-1, None, 0, None)
+    soft = False
+    for lim in budget.limits:
+        spend = 0
+        if by_window is not None:
+            entry = by_window.get(lim.window)
+            if entry is not None:
+                w_start, w_resets, w_spend = entry
+                if (w_resets is None) or ((w_start is None or w_start <= now) and now < w_resets):
+                    spend = w_spend
+        cap = lim.max_nanos
+        ratio = spend * 1_000_000 // cap if cap > 0 else (10**12 if spend > 0 else 1_000_000)
+        if ratio > best[0]:
+            best = (ratio, lim.window, spend, cap)
+        if lim.soft_nanos is not None and spend >= lim.soft_nanos:
+            soft = True
+    decision = state.decisions.get(scope)
+    blocked, resets, resets_text = False, None, None
+    if decision is not None and decision.blocked:
+        live = [w for w in decision.windows if w.resets_at is None or w.resets_at > now]
+        if live:
+            blocked = True
+            finite = [w for w in live if w.resets_at is not None]
+            if finite and len(finite) == len(live):
+                last = max(finite, key=lambda w: w.resets_at or 0.0)
+                resets, resets_text = last.resets_at, last.resets_at_text
+    ratio = max(best[0], 0)
+    order = _urgency(scope, blocked, resets, ratio)
+    return OverviewRow(order, scope, blocked, resets_text, resets, ratio, *best[1:], soft)
+
+
 def overview_rows(
     state: GateState, now: float, budgets: Iterable[tuple[str, CompiledBudget]] | None = None
 ) -> list[OverviewRow]:
     """Every budgeted scope of ``state``: blocked first (soonest to unblock first), then by share of
     limit used, highest first, ties by scope. O(budgeted scopes x limits).
 
-    ``budgets``: a snapshot of ``state.budgets.items()`` to walk instead (so another thread may
-    compute while the event loop keeps applying records: only single look-ups touch live dicts).
+    ``budgets``: a snapshot (or a slice of one) of ``state.budgets.items()`` to walk instead, so a
+    caller may compute in slices while records keep being applied (see :func:`merge_sorted`).
     """
-    rows: list[OverviewRow] = []
-    decisions = state.decisions
-    states = state.states
-    for scope, budget in state.budgets.items() if budgets is None else budgets:
-        held = states.get(scope)
-        by_window = held.by_window if held is not None else None
-        best: tuple[int, str | None, Nanos, Nanos | None] = (-1, None, 0, None)
-        soft = False
-        for lim in budget.limits:
-            spend = 0
-            if by_window is not None:
-                entry = by_window.get(lim.window)
-                if entry is not None:
-                    w_start, w_resets, w_spend = entry
-                    if (w_resets is None) or ((w_start is None or w_start <= now) and now < w_resets):
-                        spend = w_spend
-            cap = lim.max_nanos
-            ratio = spend * 1_000_000 // cap if cap > 0 else (10**12 if spend > 0 else 1_000_000)
-            if ratio > best[0]:
-                best = (ratio, lim.window, spend, cap)
-            if lim.soft_nanos is not None and spend >= lim.soft_nanos:
-                soft = True
-        decision = decisions.get(scope)
-        blocked, resets, resets_text = False, None, None
-        if decision is not None and decision.blocked:
-            live = [w for w in decision.windows if w.resets_at is None or w.resets_at > now]
-            if live:
-                blocked = True
-                finite = [w for w in live if w.resets_at is not None]
-                if finite and len(finite) == len(live):
-                    last = max(finite, key=lambda w: w.resets_at or 0.0)
-                    resets, resets_text = last.resets_at, last.resets_at_text
-        rows.append(OverviewRow(scope, blocked, resets_text, resets, max(best[0], 0), *best[1:], soft))
-    rows.sort(key=_urgency)
+    items = state.budgets.items() if budgets is None else budgets
+    rows = [overview_row(state, scope, budget, now) for scope, budget in items]
+    rows.sort()
     return rows
 
 
-def _urgency(row: OverviewRow) -> tuple[int, float, int, str]:
-    if row.blocked:
-        return (0, row.resets_at_s if row.resets_at_s is not None else float("inf"), 0, row.scope)
-    return (1, 0.0, -row.ratio_ppm, row.scope)
+#: an overview line reduced to what orders, counts and filters it: (*order, soft_crossed)
+OrderKey = tuple[int, float, int, str, bool]
 
 
-def page(items: list[OverviewRow], offset: int, limit: int) -> list[OverviewRow]:
+def overview_order(
+    state: GateState, now: float, budgets: Iterable[tuple[str, CompiledBudget]] | None = None
+) -> list[OrderKey]:
+    """Like :func:`overview_rows`, but each line reduced to its :data:`OrderKey` (``key[3]`` is the
+    scope, ``key[0] == 0`` blocked, ``key[4]`` soft limit crossed): 5 atomic values, which the
+    cyclic garbage collector stops tracking, instead of a row object per budgeted scope. A page
+    then builds its 50 rows with :func:`overview_row`."""
+    items = state.budgets.items() if budgets is None else budgets
+    keys: list[OrderKey] = []
+    for scope, budget in items:
+        row = overview_row(state, scope, budget, now)
+        keys.append((*row.order, row.soft_crossed))
+    keys.sort()
+    return keys
+
+
+def _urgency(
+    scope: str, blocked: bool, resets_at_s: float | None, ratio_ppm: int
+) -> tuple[int, float, int, str]:
+    """Blocked first, soonest to unblock first; then the highest share of limit; then by scope."""
+    if blocked:
+        return (0, resets_at_s if resets_at_s is not None else float("inf"), 0, scope)
+    return (1, 0.0, -ratio_ppm, scope)
+
+
+def merge_sorted(parts: list[list[Any]]) -> Iterator[Any]:
+    """The lines of sorted ``parts`` (from :func:`overview_rows` or :func:`overview_order` over
+    slices of the budgets) in overview order; lazy, so a caller can take it in slices."""
+    return heapq.merge(*parts)
+
+
+def page(items: list[Any], offset: int, limit: int) -> list[Any]:
     """``limit`` rows from ``offset`` (offset past the end: empty)."""
     return items[offset : offset + limit]
 
@@ -280,6 +318,10 @@ __all__ = [
     "OverviewRow",
     "SpendHistory",
     "overview_rows",
+    "OrderKey",
+    "merge_sorted",
+    "overview_order",
+    "overview_row",
     "page",
     "percent",
     "window_bounds_of",
