@@ -62,9 +62,11 @@ async def run_dashboard_bench(stack: Stack, quick: bool) -> dict[str, Any]:
         out: dict[str, Any] = {"budgeted_scopes": data["budgeted_scopes"], "api_ready_s": ready_s, "n": n}
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=60) as client:
             started = time.perf_counter()
-            first = client.get("/v1/spend/overview?limit=50")
+            first = client.get("/v1/spend/overview?limit=50")  # noqa: ASYNC212 - measured alone, sequentially
             out["overview_cold_ms"] = round((time.perf_counter() - started) * 1000, 1)
-            assert first.status_code == 200 and first.json()["total"] == data["budgeted_scopes"], first.text[:300]
+            assert first.status_code == 200 and first.json()["total"] == data["budgeted_scopes"], first.text[
+                :300
+            ]
             paths = {
                 "overview, first page": "/v1/spend/overview?limit=50",
                 "overview, offset 50,000": "/v1/spend/overview?offset=50000&limit=50",
@@ -99,7 +101,8 @@ async def run_dashboard_bench(stack: Stack, quick: bool) -> dict[str, Any]:
             finally:
                 stop.set()
                 poller.join(30)
-            log(f"dashboard: check alone {out['check_alone']}, with a dashboard open {out['check_with_dashboard']}")
+            alone, busy = out["check_alone"], out["check_with_dashboard"]
+            log(f"dashboard: check alone {alone}, with a dashboard open {busy}")
         out["api_rss_mib"] = round(rss_mib(api.pid))
         return out
     finally:
@@ -117,7 +120,8 @@ def section(res: dict[str, Any]) -> list[str]:
         f"`python -m bench --only dashboard`: a `spendgate api` following {d['budgeted_scopes']:,} budgeted "
         f"scopes with spend; sequential requests on one connection, {d['n']} each after 3 warm-up calls "
         f"(bench/dashboard.py). API ready in {d['api_ready_s']:.1f} s, RSS {d['api_rss_mib']} MiB. The first "
-        f"overview (sorting every budgeted scope, in slices on the event loop) took {d['overview_cold_ms']} ms; "
+        "overview (sorting every budgeted scope, in slices on the event loop) took "
+        f"{d['overview_cold_ms']} ms; "
         "later ones answer from the last sort while the next is computed (its order at most 5 s old, the "
         "page's rows current); top lists likewise.",
         "",
@@ -126,8 +130,10 @@ def section(res: dict[str, Any]) -> list[str]:
     ]
     for name, r in d["endpoints"].items():
         lines.append(f"| `{name}` | {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} |")
-    for label, key in (("`POST /v1/check` alone", "check_alone"),
-                       ("`POST /v1/check` while a dashboard polls overview + top every second", "check_with_dashboard")):
+    for label, key in (
+        ("`POST /v1/check` alone", "check_alone"),
+        ("`POST /v1/check` while a dashboard polls overview + top every second", "check_with_dashboard"),
+    ):
         r = d[key]
         lines.append(f"| {label} | {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} |")
     lines.append("")
