@@ -47,6 +47,7 @@ from spendgate.domain.money import format_usd
 log = logging.getLogger(__name__)
 
 QUEUE_LIMIT = 100_000  # hold events waiting for the broker; beyond it they stay local only
+LINGER_S = 0.005  # adds to how soon other replicas see a hold (~200 ms anyway), never to a check
 
 
 @lru_cache(maxsize=100_000)
@@ -130,6 +131,7 @@ class HoldAppender:
     async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]
+            await asyncio.sleep(LINGER_S)  # let a few more checks queue theirs: fewer, larger batches
             while not self._queue.empty() and len(batch) < 1000:
                 batch.append(self._queue.get_nowait())
             try:
