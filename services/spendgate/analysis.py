@@ -376,6 +376,7 @@ class ScopeReport:
     budget: Budget | None
     status: ScopeStatus  # windows at the reference time, from the rebuilt ledger
     timeline: Timeline
+    reserved: int = 0  # nanos held by outstanding holds at the reference time (event-time expiry)
 
 
 def report(
@@ -392,7 +393,8 @@ def report(
         budget = budgets.get(scope)
         ledger = state.ledgers.get(scope) or ScopeLedger()
         status = decide(budget or NO_BUDGET, ledger, at)
-        out.append(ScopeReport(scope, budget, status, timelines.get(scope) or Timeline()))
+        reserved = ledger.reserved(at * 1000)
+        out.append(ScopeReport(scope, budget, status, timelines.get(scope) or Timeline(), reserved))
     return out
 
 

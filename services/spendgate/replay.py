@@ -381,6 +381,7 @@ def _window_rows(r: ScopeReport) -> list[dict[str, Any]]:
                 "resets_at": iso_ms(w.resets_at),
                 "spend_usd": format_usd(w.spend),
                 "limit_usd": None if w.limit is None else format_usd(w.limit),
+                "reserved_usd": format_usd(r.reserved),
                 "blocked": w.binding,
             }
         )
@@ -447,6 +448,7 @@ def to_csv(reports: Sequence[ScopeReport]) -> str:
             "first_blocked_at",
             "over_limit_calls",
             "prevented_usd",
+            "reserved_usd",
         ]
     )
     for r in reports:
@@ -466,6 +468,7 @@ def to_csv(reports: Sequence[ScopeReport]) -> str:
                     iso_ms(periods[0].start) if periods else "",
                     len(t.over_limit) if w["limit_usd"] else "",
                     format_usd(t.prevented_nanos) if w["limit_usd"] else "",
+                    w["reserved_usd"],
                 ]
             )
     return buf.getvalue()
@@ -483,7 +486,7 @@ def to_table(
         f"windows as of {meta['at']}; budgets: {meta['budgets']}",
         "",
     ]
-    rows = [("SCOPE", "WINDOW", "SPEND_USD", "LIMIT_USD", "RESETS_AT", "BLOCKED")]
+    rows = [("SCOPE", "WINDOW", "SPEND_USD", "RESERVED_USD", "LIMIT_USD", "RESETS_AT", "BLOCKED")]
     for r in reports:
         for w in _window_rows(r):
             rows.append(
@@ -491,6 +494,7 @@ def to_table(
                     r.scope,
                     w["window"],
                     w["spend_usd"],
+                    w["reserved_usd"] if r.reserved else "-",
                     w["limit_usd"] or "-",
                     w["resets_at"] or "-",
                     "yes" if w["blocked"] else "",

@@ -347,3 +347,12 @@ async def test_replay_equals_live_over_the_log_with_holds(world: World) -> None:
         assert code == 0, err.getvalue()
 
     await eventually(no_difference, timeout=60, interval=1)
+    # The report shows what is held (r2; r1 was settled by its cost).
+    out, err = io.StringIO(), io.StringIO()
+    path = world.logs / "replay.json"
+    args = ["--scope", f"key:{key}", "--format", "json", "--out", str(path), "--quiet"]
+    assert await main_async(args, settings=world.settings, stdout=out, stderr=err) == 0, err.getvalue()
+    [scope] = orjson.loads(path.read_bytes())["scopes"]
+    assert [(w["window"], w["spend_usd"], w["reserved_usd"]) for w in scope["windows"]] == [
+        ("total", "0.3", "0.25")
+    ]
