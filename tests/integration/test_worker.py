@@ -14,14 +14,12 @@ from tests.kafka_helpers import ServiceProcess, eventually, latest, produce, rea
 
 from spendgate.settings import Settings
 
-NOW = datetime.now(UTC)
-
 
 def event(key_id: str, cost: str, **fields: object) -> dict[str, object]:
     return {
         "v": 1,
         "event_id": fields.pop("event_id", None) or uuid.uuid4().hex,
-        "occurred_at": fields.pop("occurred_at", NOW.isoformat()),
+        "occurred_at": fields.pop("occurred_at", datetime.now(UTC).isoformat()),  # now, not at import
         "key_id": key_id,
         "cost_usd": cost,
         **fields,
