@@ -14,9 +14,11 @@ connection, each endpoint ``n`` times after 3 warm-up calls:
 
 from __future__ import annotations
 
+import json
 import statistics
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,6 +29,7 @@ from bench.stack import ADMIN_TOKEN, Stack, rss_mib, wait_http
 from spendgate.adapters.embedded import free_port
 
 PREFIX = "dash."
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _ms(values: list[float]) -> dict[str, Any]:
@@ -137,4 +140,15 @@ def section(res: dict[str, Any]) -> list[str]:
         r = d[key]
         lines.append(f"| {label} | {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} |")
     lines.append("")
+    browser = ROOT / "docs" / "dashboard-100k-timings.json"
+    if browser.exists():
+        b = json.loads(browser.read_text())
+        lines.append(
+            "In the browser (`tests/e2e/test_dashboard_browser.py`, headless Chromium, 100,000 budgeted "
+            f"scopes in one API; {b['measured_at']}, load average {b['load_avg'][0]:.1f} on 2 cores; "
+            f"the test fails above {b['bound_s']:g} s):\n"
+        )
+        lines += ["| step | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in b["seconds"].items()]
+        lines.append("")
     return lines

@@ -15,6 +15,7 @@ downloads one. Screenshots of each page go to ``docs/`` (linked from the README)
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -54,6 +55,7 @@ CHROMIUM_FLAGS = [  # what this machine's Chromium needs (closed network, root, 
     "--disable-sync",
 ]
 DOCS = Path(__file__).resolve().parents[2] / "docs"
+TIMINGS = DOCS / "dashboard-100k-timings.json"
 START_TIMEOUT_S = 120.0
 BLOCK_TIMEOUT_MS = 30_000  # events posted -> worker -> spend.decisions -> API -> next poll (3 s)
 RESPONSIVE_BOUND_S = 10.0  # generous: 2 cores shared with other jobs; figures in BENCHMARKS.md
@@ -383,12 +385,18 @@ async def test_the_overview_of_100k_budgeted_scopes_stays_responsive(browser: An
            {headers: {Authorization: 'Bearer ' + sessionStorage.getItem('spendgate.token')}});
            await r.json(); return performance.now() - t; }"""
     )
-    timings["GET /v1/spend/overview?offset=50000 from the page (ms)"] = latency
+    timings["fetch GET /v1/spend/overview?offset=50000 from the page"] = latency / 1000
     await page.fill("[data-testid=overview-filter]", "")
     await page.locator("[data-testid=overview-range]", has_text=f"of {BIG}").wait_for()
     await page.screenshot(path=str(DOCS / "dashboard-overview-100k.png"))
     await page.context.close()
     print("\n[dashboard] 100,000 budgeted scopes:", {k: round(v, 3) for k, v in timings.items()})
+    record = {
+        "measured_at": iso(datetime.now(UTC)),
+        "load_avg": os.getloadavg(),
+        "bound_s": RESPONSIVE_BOUND_S,
+        "seconds": {k: round(v, 3) for k, v in timings.items()},
+    }
+    TIMINGS.write_text(json.dumps(record, indent=1) + "\n")  # BENCHMARKS.md quotes it (bench/dashboard.py)
     for what, seconds in timings.items():
-        if "(ms)" not in what:
-            assert seconds < RESPONSIVE_BOUND_S, (what, seconds)
+        assert seconds < RESPONSIVE_BOUND_S, (what, seconds)
