@@ -16,8 +16,12 @@ When the event cannot be appended (broker down), the hold still counts here unti
 nowhere else: never less safe than no hold. A gate killed with holds outstanding leaves them in
 the log, where they expire ``hold_ttl_s`` after their ``occurred_at``.
 
-The hold and release events have deterministic ids (``domain.holds.event_id_for``): a retry
-through another replica appends the same event, which the worker counts once.
+Each hold event has an id of its own: a retry through another replica appends a second hold of
+the same request, which holds nothing (the worker's hold book, by key and request) but still
+reaches the request's scopes, so that replica's state records reflect it and it stops counting
+its copy there (with the same event id the worker would drop it as a duplicate, and the copy
+would count on that replica until its TTL). A release has a deterministic id
+(``domain.holds.event_id_for``): repeating one appends nothing new.
 """
 
 # No "from __future__ import annotations": FastAPI must see the route-local Annotated aliases.
@@ -25,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -76,7 +81,7 @@ def hold_event(request: CheckRequest, request_id: str, ttl_s: int, now: float) -
     """The ``kind: "hold"`` usage event of an allowed reserving check."""
     return {
         "v": 1,
-        "event_id": event_id_for("hold", request.key_id, request_id),
+        "event_id": f"hold-{uuid.uuid4().hex}",
         "kind": "hold",
         "occurred_at": _iso_ms(now),
         "key_id": request.key_id,
