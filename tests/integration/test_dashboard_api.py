@@ -306,3 +306,24 @@ async def test_the_dashboard_page_is_served_without_a_token(world: World) -> Non
     assert (await world.client.get("/ui/app.js")).headers["content-type"].startswith("text/javascript")
     assert (await world.client.get("/ui/../pyproject.toml")).status_code == 404
     assert (await world.client.get("/ui", follow_redirects=False)).status_code == 307
+
+
+async def test_a_restarted_api_rebuilds_the_same_history_from_the_topics(world: World) -> None:
+    first = await world.get("/v1/spend/key:kb/series?bucket=1h")
+    app = create_app(world.settings)  # a new API process, reading the topics from the start
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://dash2", timeout=30) as client:
+            headers = world.headers["admin"]
+
+            async def rebuilt() -> dict[str, Any]:
+                resp = await client.get("/v1/spend/key:kb/series?bucket=1h", headers=headers)
+                assert resp.status_code == 200, resp.text
+                body: dict[str, Any] = resp.json()
+                assert body["points"][-2:] == first["points"][-2:], body["points"][-2:]
+                return body
+
+            again = await eventually(rebuilt, timeout=30, interval=0.1)
+            assert again["total_usd"] == first["total_usd"] == "0.300000001"
+            blue = (await client.get("/v1/spend/team:blue/series", headers=headers)).json()
+            assert blue["blocked_periods"] == [{"from": iso(NOW - timedelta(minutes=1)), "to": None}]

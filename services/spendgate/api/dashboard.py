@@ -280,31 +280,34 @@ class Dashboard:
 
         return visible
 
-    def children(self, scope: Scope) -> list[str]:
+    async def children(self, scope: Scope) -> list[str]:
         """The scopes right below ``scope`` that have history: a team's keys and members, a key's
-        models, an org's teams, a user's keys."""
+        models, an org's teams, a user's keys. Walks the registry or the history (100,000 keys)
+        in slices on the event loop."""
         registry = self.state.registry
         kinds = self.history.by_kind
         head = scope.parts[0]
         scopes = self.history.scopes
-        if scope.kind is ScopeKind.TEAM:
-            keys = [f"key:{encode_id(k)}" for k, info in registry.keys.items() if info.team_id == head]
-            keys = [s for s in keys if s in scopes]
-            prefix = f"member:{encode_id(head)}/"
-            return keys + [s for s in kinds.get("member", ()) if s.startswith(prefix)]
-        if scope.kind is ScopeKind.KEY:
-            prefix = f"key_model:{encode_id(head)}/"
-            return [s for s in kinds.get("key_model", ()) if s.startswith(prefix)]
+        out: list[str] = []
+        if scope.kind in (ScopeKind.TEAM, ScopeKind.USER):
+            field = "team_id" if scope.kind is ScopeKind.TEAM else "user_id"
+            keys = list(registry.keys.items())
+            for i in range(0, len(keys), 4 * SLICE):
+                for k, info in keys[i : i + 4 * SLICE]:
+                    if getattr(info, field) == head and (child := f"key:{encode_id(k)}") in scopes:
+                        out.append(child)
+                await asyncio.sleep(0)
+        if scope.kind in (ScopeKind.TEAM, ScopeKind.KEY):
+            kind = "member" if scope.kind is ScopeKind.TEAM else "key_model"
+            prefix = f"{kind}:{encode_id(head)}/"
+            below = list(kinds.get(kind, ()))
+            for i in range(0, len(below), 4 * SLICE):
+                out += [s for s in below[i : i + 4 * SLICE] if s.startswith(prefix)]
+                await asyncio.sleep(0)
         if scope.kind is ScopeKind.ORG:
-            teams = {t for t, org in registry.team_orgs.items() if org == head}
-            return [f"team:{encode_id(t)}" for t in teams if f"team:{encode_id(t)}" in self.history.scopes]
-        if scope.kind is ScopeKind.USER:
-            return [
-                f"key:{encode_id(k)}"
-                for k, info in registry.keys.items()
-                if info.user_id == head and f"key:{encode_id(k)}" in self.history.scopes
-            ]
-        return []
+            teams = [f"team:{encode_id(t)}" for t, org in registry.team_orgs.items() if org == head]
+            out += [t for t in teams if t in scopes]
+        return out
 
 
 def _reader(caller: Principal) -> Principal:
@@ -456,7 +459,7 @@ def dashboard_router(dashboard: Dashboard, tokens: TokenCache) -> APIRouter:
         budget = state.budgets.get(text)
         children = []
         visible = dashboard.readable(caller)
-        for child in dashboard.children(parsed):
+        for child in await dashboard.children(parsed):
             if visible is None or visible(child):
                 spent = history.spend_between(child, start_s, end_s)
                 if spent:
