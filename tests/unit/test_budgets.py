@@ -150,3 +150,41 @@ def test_budget_json_round_trips(texts: list[str]) -> None:
 def test_budget_is_a_value() -> None:
     assert budget(("1h", "10")) == Budget((Limit(WindowSpec.parse("1h"), 10 * NANOS_PER_USD),), "UTC")
     assert hash(budget(("1h", "10"))) == hash(budget(("1h", "10.0")))
+
+
+def test_a_limit_parsed_before_is_reused_and_never_lets_a_bad_one_through() -> None:
+    """parse_limit remembers all-string limits (cold starts parse one template 100,000 times)."""
+    first = parse_budget({"limits": [{"window": "1d", "max_usd": "5", "soft_usd": "4"}]})
+    again = parse_budget({"limits": [{"window": "1d", "max_usd": "5", "soft_usd": "4"}]})
+    assert again.limits[0] is first.limits[0]
+    assert parse_budget({"limits": [{"window": "1d", "max_usd": "5"}]}).limits[0].soft_nanos is None
+    for bad in (
+        {"window": "1d", "max_usd": True},  # hashes like 1
+        {"window": "1d", "max_usd": "5", "soft_usd": "4", "extra": 1},
+        {"window": "1d", "max_usd": "5", "soft_usd": "6"},
+    ):
+        with pytest.raises(InvalidInput):
+            parse_budget({"limits": [bad]})
+    assert parse_budget({"limits": [{"window": "1d", "max_usd": 5}]}).limits[0].max_nanos == 5 * NANOS_PER_USD
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["window", "max_usd", "soft_usd", "x"]),
+        st.one_of(
+            st.none(), st.booleans(), st.integers(-2, 10), st.sampled_from(["1d", "1h", "2", ".5", "-1"])
+        ),
+    )
+)
+def test_a_remembered_limit_is_what_a_fresh_parse_gives(raw: dict[str, Any]) -> None:
+    from spendgate.domain import budgets
+
+    def outcome() -> object:
+        try:
+            return budgets.parse_limit(raw, 0)
+        except InvalidInput as exc:
+            return ("refused", exc.reason, exc.field)
+
+    remembered = outcome()
+    budgets._PARSED.clear()
+    assert outcome() == remembered

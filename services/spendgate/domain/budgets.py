@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from spendgate.domain.errors import InvalidInput
@@ -54,10 +55,36 @@ class Budget:
 NO_BUDGET = Budget()
 
 
+_PARSED: dict[tuple[str, str, str | None], Limit] = {}
+"""Limits parsed before, by their text: 100,000 keys on one budget template are parsed once each
+on a cold start, not a hundred thousand times. Only all-string limits are kept (``1`` and
+``True`` hash alike; a bool must still be refused)."""
+
+
+def _text_key(raw: Mapping[Any, Any]) -> tuple[str, str, str | None] | None:
+    window, max_usd, soft = raw.get("window"), raw.get("max_usd"), raw.get("soft_usd")
+    if type(window) is not str or type(max_usd) is not str or not (soft is None or type(soft) is str):
+        return None
+    if len(raw) != 2 + ("soft_usd" in raw):  # an unknown field is refused by the full parse
+        return None
+    return window, max_usd, soft
+
+
 def parse_limit(raw: object, index: int) -> Limit:
     field = f"limits[{index}]"
     if not isinstance(raw, Mapping):
         raise InvalidInput("must be an object with window and max_usd", field=field)
+    key = _text_key(raw)
+    known = _PARSED.get(key) if key is not None else None
+    if known is not None:
+        return known
+    limit = _parse_limit(raw, field)
+    if key is not None and len(_PARSED) < 4096:
+        _PARSED[key] = limit
+    return limit
+
+
+def _parse_limit(raw: Mapping[Any, Any], field: str) -> Limit:
     unknown = set(raw) - {"window", "max_usd", "soft_usd"}
     if unknown:
         raise InvalidInput(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}", field=field)
