@@ -136,6 +136,7 @@ def create_app(settings: Settings, *, follower: TopicFollower | None = None) -> 
         background: list[asyncio.Task[None]] = []
         await the_follower.start()
         background.append(asyncio.create_task(_freeze_when_ready(the_follower), name="gc-freeze"))
+        background.append(asyncio.create_task(dashboard.warm(the_follower.wait_ready), name="dashboard-warm"))
         if pool is not None and repo is not None and relay is not None:
             await pool.open(wait=False)
             background.append(asyncio.create_task(_load_tokens(repo, tokens), name="load-tokens"))

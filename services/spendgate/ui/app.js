@@ -73,7 +73,11 @@ function signOut(message) {
 function route() {
   const [path, query] = (location.hash.replace(/^#/, "") || "/overview").split("?");
   const params = new URLSearchParams(query || "");
-  if (path.startsWith("/scope/")) return { page: "scope", scope: decodeURIComponent(path.slice(7)), params };
+  if (path.startsWith("/scope/")) {
+    let scope = path.slice(7);
+    try { scope = decodeURIComponent(scope); } catch (_) { /* shown as typed; the API says what is wrong */ }
+    return { page: "scope", scope, params };
+  }
   if (path === "/top") return { page: "top", params };
   return { page: "overview", params };
 }
