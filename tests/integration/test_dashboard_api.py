@@ -258,6 +258,11 @@ async def test_series_refuses_bad_ranges_with_422(world: World, query: str) -> N
     assert body["error"]["message"]
 
 
+@pytest.mark.parametrize("query", ["limit=0", "limit=501", "offset=-1", "limit=ten", "q=" + "x" * 257])
+async def test_overview_refuses_bad_paging_with_422(world: World, query: str) -> None:
+    await world.get(f"/v1/spend/overview?{query}", expect=422)
+
+
 async def test_top_ranks_a_kind_in_a_window(world: World) -> None:
     body = await world.get("/v1/spend/top?kind=key&window=1d&limit=5")
     assert body["items"] == [
