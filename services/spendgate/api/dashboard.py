@@ -408,7 +408,11 @@ def dashboard_router(dashboard: Dashboard, tokens: TokenCache) -> APIRouter:
             "soft_crossed": listing.soft,
             "offset": offset,
             "limit": limit,
-            "items": [_row_json(r) for r in dashboard.rows(page(listing.keys, offset, limit), now)],
+            "items": [  # visibility checked again: the filtered listing may be a few seconds old
+                _row_json(r)
+                for r in dashboard.rows(page(listing.keys, offset, limit), now)
+                if visible is None or visible(r.scope)
+            ],
         }
 
     @router.get("/top", summary="The scopes of one kind that spent most in a window")
