@@ -28,7 +28,7 @@ from bench.common import log
 
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("micro", "gate", "reserve", "cold", "worker", "replay", "enforce", "overshoot", "rebalance", "litellm",
-          "writes", "dashboard")
+          "litellm_holds", "writes", "dashboard")
 #: BENCHMARKS.json keys written by each phase (for ``--only`` merges).
 PHASE_KEYS = {
     "micro": ("micro",),
@@ -39,6 +39,7 @@ PHASE_KEYS = {
     "enforce": ("enforce", "enforce_1000"),
     "overshoot": ("overshoot", "overshoot_holds"),
     "reserve": ("reserve",),
+    "litellm_holds": ("litellm_holds",),
     "rebalance": ("rebalance",),
     "litellm": ("litellm",),
     "writes": ("writes",),
@@ -135,6 +136,8 @@ async def main_async(args: argparse.Namespace, results: dict[str, Any]) -> None:
             from bench import gateway
 
             results["litellm"] = await gateway.run_litellm_bench(stack, workdir, quick)
+        if "litellm_holds" in only:
+            results["litellm_holds"] = await holds.run_litellm_overshoot(stack, workdir, quick)
         if "writes" in only:
             from bench import writes
 

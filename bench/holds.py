@@ -233,3 +233,124 @@ def run_reserve_latency(stack: Stack, workdir: Path, keys: int, quick: bool) -> 
         return out
     finally:
         stack.stop_child(api, 10)
+
+
+# --------------------------------------------------------------------- through LiteLLM
+
+LITELLM_CALL_USD = "0.00045"  # what the fake upstream's 1000 + 500 tokens of gpt-4o-mini cost
+LITELLM_LIMIT_USD = "0.045"  # 100 calls
+# The hook estimates prompt tokens (litellm's counter, ~13 here) + max_tokens of output: 747
+# output tokens make the estimate the call's cost (within 0.1 %), like section 4b's "exact".
+LITELLM_MAX_TOKENS = 747
+
+
+async def litellm_trial(
+    proxy_url: str, key: str, clients: int = 20, timeout_s: float = 120
+) -> dict[str, Any]:
+    """Section 4b's loop through the proxy: each client calls until its first non-200 (429)."""
+    admitted = 0
+    statuses: dict[str, int] = {}
+    started = time.monotonic()
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "Say hi in one word."}],
+        "max_tokens": LITELLM_MAX_TOKENS,
+    }
+
+    async def one(http: httpx.AsyncClient) -> None:
+        nonlocal admitted
+        while time.monotonic() - started < timeout_s:
+            r = await http.post(
+                proxy_url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+            )
+            statuses[str(r.status_code)] = statuses.get(str(r.status_code), 0) + 1
+            if r.status_code != 200:
+                return
+            admitted += 1
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as http:
+        await asyncio.gather(*(one(http) for _ in range(clients)))
+    took = time.monotonic() - started
+    return {
+        "admitted_calls": admitted,
+        "over_calls": admitted - 100,
+        "statuses": statuses,
+        "duration_s": took,
+        "rate_calls_per_s": admitted / took if took else None,
+    }
+
+
+async def run_litellm_overshoot(stack: Stack, workdir: Path, quick: bool) -> dict[str, Any]:
+    """A real LiteLLM proxy with the spendgate callback (reserving in its pre-call hook) in front
+    of the fake upstream; one spendgate API process and worker; $0.045/day on each trial key."""
+    import hashlib
+    import json
+
+    from bench.stack import ADMIN_TOKEN
+    from tests.litellm_helpers import LITELLM_BIN, FakeOpenAI, LiteLLMProxy, write_config
+
+    if not LITELLM_BIN.exists():
+        raise RuntimeError("no .venv-litellm: run `make litellm-venv` (make bench depends on it)")
+    prefix = "llmh."
+    await stack.topics(prefix)
+    api_port = free_port()
+    api_url = f"http://127.0.0.1:{api_port}"
+    worker = stack.service("worker", prefix, "llmh-worker.log")
+    api = stack.service("api", prefix, "llmh-api.log", SPENDGATE_API_PORT=str(api_port))
+    tag = uuid.uuid4().hex[:6]
+    keys = {
+        f"sk-over-{tag}-{i}": {"user_id": f"uo{i}", "team_id": "t-over"} for i in range(2 if quick else 3)
+    }
+    out: dict[str, Any] = {"limit_usd": LITELLM_LIMIT_USD, "call_usd": LITELLM_CALL_USD, "clients": 20}
+    try:
+        wait_http(api_url + "/readyz", api, 180)
+        admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        async with httpx.AsyncClient(base_url=api_url, timeout=30, headers=admin) as http:
+            token = (await http.post("/v1/tokens", json={"role": "gateway"})).json()["token"]
+            for key in keys:
+                scope = f"key:{hashlib.sha256(key.encode()).hexdigest()}"
+                budget = {"limits": [{"window": "1d", "max_usd": LITELLM_LIMIT_USD}]}
+                r = await http.put(f"/v1/budgets/{scope}", json=budget)
+                r.raise_for_status()
+        with FakeOpenAI() as upstream:
+            config = write_config(workdir / "litellm" / "holds", upstream.base_url, callback=True)
+            env = {
+                "SPENDGATE_URL": api_url,
+                "SPENDGATE_TOKEN": token,
+                "SPENDGATE_FAIL_MODE": "open",
+                # a check that times out fails open (admitted, no hold): on this shared box a 2 s
+                # timeout was hit under load, so the figure would measure the box; counted below
+                "SPENDGATE_CHECK_TIMEOUT_MS": "10000",
+                "E2E_KEYS": json.dumps(keys),
+            }
+            proxy_log = workdir / "logs" / "litellm-holds.log"
+            proxy = LiteLLMProxy(config, free_port(), proxy_log, env).start()
+
+            def failed_open() -> int:
+                return proxy_log.read_text(errors="replace").count("spendgate check failed")
+
+            try:
+                out["ready_s"] = await asyncio.to_thread(proxy.wait_ready, 300.0)
+                trials = []
+                for key in keys:
+                    before = failed_open()
+                    trials.append(await litellm_trial(proxy.url, key))
+                    trials[-1]["checks_failed_open"] = failed_open() - before
+                    log(f"overshoot through LiteLLM (reserving hook): {trials[-1]['over_calls']} calls over")
+            finally:
+                proxy.stop()
+        async with httpx.AsyncClient(base_url=api_url, timeout=30, headers=admin) as http:
+            await asyncio.sleep(3)  # the proxy's reporter flushed at its stop; let the worker count it
+            for key, trial in zip(keys, trials, strict=True):
+                view = (await http.get(f"/v1/spend/key:{hashlib.sha256(key.encode()).hexdigest()}")).json()
+                total = next(w for w in view["windows"] if w["window"] == "total")
+                trial["recorded_usd"] = total["spend_usd"]
+                trial["reserved_usd_after"] = total["reserved_usd"]
+        out["trials"] = trials
+        out["over_calls"] = summary([t["over_calls"] for t in trials])
+        out["rate_calls_per_s"] = summary([t["rate_calls_per_s"] for t in trials])
+        return out
+    finally:
+        stack.stop_child(api, 10)
+        stack.stop_child(worker, 10)
