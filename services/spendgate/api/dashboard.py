@@ -112,6 +112,7 @@ class Dashboard:
         self._filtered: dict[tuple[str | None, str | None], Listing] = {}
         self._filtered_of: Listing | None = None
         self._releasing: set[asyncio.Future[None]] = set()
+        self._keys_by: tuple[float, dict[str, list[str]], dict[str, list[str]]] | None = None
         self._top: dict[tuple[str, str, int, str | None], tuple[float, TopAnswer]] = {}
         self._top_computing: dict[tuple[str, str, int, str | None], asyncio.Future[TopAnswer]] = {}
 
@@ -286,23 +287,38 @@ class Dashboard:
 
         return visible
 
+    async def _key_index(self) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+        """Key ids by team and by user, rebuilt at most every ``OVERVIEW_TTL_S`` in slices (the
+        registry may hold 100,000 keys: walking it per request cost ~50 ms)."""
+        now = self.clock()
+        held = self._keys_by
+        if held is not None and 0 <= now - held[0] < OVERVIEW_TTL_S:
+            return held[1], held[2]
+        keys = list(self.state.registry.keys.items())
+        by_team: dict[str, list[str]] = {}
+        by_user: dict[str, list[str]] = {}
+        for i in range(0, len(keys), 10 * SLICE):
+            for k, info in keys[i : i + 10 * SLICE]:
+                if info.team_id is not None:
+                    by_team.setdefault(info.team_id, []).append(k)
+                if info.user_id is not None:
+                    by_user.setdefault(info.user_id, []).append(k)
+            await asyncio.sleep(0)
+        self._keys_by = (now, by_team, by_user)
+        return by_team, by_user
+
     async def children(self, scope: Scope) -> list[str]:
         """The scopes right below ``scope`` that have history: a team's keys and members, a key's
-        models, an org's teams, a user's keys. Walks the registry or the history (100,000 keys)
-        in slices on the event loop."""
+        models, an org's teams, a user's keys (keys as the registry was up to a few seconds ago)."""
         registry = self.state.registry
         kinds = self.history.by_kind
         head = scope.parts[0]
         scopes = self.history.scopes
         out: list[str] = []
         if scope.kind in (ScopeKind.TEAM, ScopeKind.USER):
-            field = "team_id" if scope.kind is ScopeKind.TEAM else "user_id"
-            keys = list(registry.keys.items())
-            for i in range(0, len(keys), 4 * SLICE):
-                for k, info in keys[i : i + 4 * SLICE]:
-                    if getattr(info, field) == head and (child := f"key:{encode_id(k)}") in scopes:
-                        out.append(child)
-                await asyncio.sleep(0)
+            by_team, by_user = await self._key_index()
+            found = (by_team if scope.kind is ScopeKind.TEAM else by_user).get(head, ())
+            out += [c for k in found if (c := f"key:{encode_id(k)}") in scopes]
         if scope.kind in (ScopeKind.TEAM, ScopeKind.KEY):
             kind = "member" if scope.kind is ScopeKind.TEAM else "key_model"
             prefix = f"{kind}:{encode_id(head)}/"
