@@ -175,7 +175,8 @@ class HoldAppender:
             parts.setdefault(_partition(key, count), []).append((hold, key, value))
         sent: list[tuple[list[LocalHold], asyncio.Future[Any]]] = []
         for partition, records in parts.items():
-            builder, held = producer.create_batch(), []
+            builder = producer.create_batch()
+            held: list[LocalHold] = []
             for hold, key, value in records:
                 if builder.append(timestamp=None, key=key, value=value) is None:  # full: send it
                     sent.append((held, await producer.send_batch(builder, self.topic, partition=partition)))
