@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install litellm-venv run test lint schemas bench clean kafka test-kafka chromium
+.PHONY: help install litellm-venv run test lint schemas bench clean kafka test-kafka chromium screenshots
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -56,6 +56,9 @@ chromium: $(CHROMIUM) ## Debian's Chromium for the dashboard's browser tests (on
 
 test: install $(LITELLM_STAMP) $(CHROMIUM) ## Run the whole test suite (starts its own broker, Postgres, LiteLLM proxy, Chromium)
 	$(BIN)/pytest -q
+
+screenshots: install $(CHROMIUM) ## Re-take the dashboard screenshots and 100k timings in docs/ (the browser test)
+	SPENDGATE_SCREENSHOTS_DIR=docs $(BIN)/pytest -q tests/e2e/test_dashboard_browser.py
 
 kafka: install ## Real Apache Kafka (3 KRaft brokers, fetched with Maven once) until Ctrl-C
 	$(BIN)/python -m spendgate.adapters.kafka_cluster up
