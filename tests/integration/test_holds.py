@@ -220,10 +220,14 @@ async def test_the_gate_knows_where_each_of_its_hold_events_landed(world: World)
     keys = [new_key() for _ in range(3)]
     for key in keys:
         await budget(world, f"key:{key}", "1")
-    answers = await asyncio.gather(*(check(world, keys[n % 3], f"r{n}", "0.01") for n in range(12)))
-    assert all(a["allowed"] for a in answers)
     local = world.app.state.gate.state.local
-    holds = [local.requests[(keys[n % 3], f"r{n}")] for n in range(12)]
+    holds = []
+
+    async def reserve(n: int) -> None:  # at once (several in one record batch, as under load)
+        assert (await check(world, keys[n % 3], f"r{n}", "0.01"))["allowed"]
+        holds.append(local.requests[(keys[n % 3], f"r{n}")])  # it leaves once state reflects it
+
+    await asyncio.gather(*(reserve(n) for n in range(12)))
 
     async def placed() -> None:
         assert all(h.place is not None for h in holds)

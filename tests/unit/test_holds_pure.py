@@ -331,6 +331,10 @@ def test_local_holds_count_at_once_until_a_state_record_reflects_their_offset() 
     assert gs.held("key:k1", NOW) == 2 * CENT  # never both, never neither
     gs.apply_state(held_state("key:k1", "0", "0.02", NOW + 600, {"0": 7, "1": 3}))
     assert gs.held("key:k1", NOW) == 2 * CENT and gs.local.pending == {}
+    assert gs.local.requests == {} and gs.local.answer("k1", "r1", NOW) == (
+        False,
+        0,
+    )  # retries still answered
 
 
 def test_local_holds_expire_and_release() -> None:
@@ -339,9 +343,10 @@ def test_local_holds_expire_and_release() -> None:
     holds.add(local_hold("r2", expires=NOW + 20))
     assert holds.pending == {"key:k1": 2 * CENT}
     assert holds.release("k1", "r2") is not None and holds.pending == {"key:k1": CENT}
-    assert holds.get("k1", "r1", NOW) is not None
+    assert holds.answer("k1", "r1", NOW) == (False, 0) and holds.answer("k1", "r2", NOW) is None
     holds.expire(NOW + 10)
-    assert holds.pending == {} and holds.get("k1", "r1", NOW + 10) is None and len(holds) == 0
+    assert holds.pending == {} and holds.answer("k1", "r1", NOW + 10) is None and len(holds) == 0
+    assert holds.requests == {} and holds._by_scope == {}  # nothing kept for a hold that counts nowhere
 
 
 def test_state_records_without_holds_read_as_before() -> None:
@@ -363,7 +368,7 @@ def test_local_pending_is_always_the_sum_of_the_holds_still_counting(ops: list[t
     clock = NOW
     for op, n in ops:
         rid = f"r{n}"
-        if op == "add" and holds.get("k1", rid, clock) is None:
+        if op == "add" and holds.answer("k1", rid, clock) is None:
             hold = LocalHold("k1", rid, ("key:k1", f"tag:{n % 2}"), (n + 1) * CENT, clock + n + 1)
             holds.add(hold)
             placed[rid] = hold
@@ -378,5 +383,6 @@ def test_local_pending_is_always_the_sum_of_the_holds_still_counting(ops: list[t
             holds.expire(clock)
         live = [h for h in placed.values() if h.expires_at > clock or not h.counting]
         for scope in ("key:k1", "tag:0", "tag:1"):
-            want = sum(h.nanos for h in live if scope in h.counting)
+            want = sum(h.nanos for h in live if scope in h.counted())
             assert holds.pending.get(scope, 0) == want
+        assert set(holds.requests.values()) == {h for h in placed.values() if h.counting}

@@ -44,7 +44,7 @@ from spendgate.api.auth import TokenCache, gate_dependency
 from spendgate.api.errors import error_responses
 from spendgate.domain.attribution import scopes_for
 from spendgate.domain.authority import Action, Principal
-from spendgate.domain.check import CheckRequest, CheckResult
+from spendgate.domain.check import ALLOWED, DEGRADED_OPEN, CheckRequest, CheckResult
 from spendgate.domain.gate_state import GateState
 from spendgate.domain.holds import DEFAULT_TTL_S, MAX_TTL_S, LocalHold, event_id_for
 from spendgate.domain.money import format_usd
@@ -192,7 +192,7 @@ class HoldAppender:
     def _placed(self, hold: LocalHold, partition: int, offset: int) -> None:
         local = self.state.local
         local.placed(hold, partition, offset)
-        for scope in list(hold.counting):  # a state record may have reflected it already
+        for scope in hold.counted():  # a state record may have reflected it already
             held = self.state.states.get(scope)
             if held is not None:
                 local.reflect(scope, held.watermarks)
@@ -230,10 +230,10 @@ class Holds:
         """
         now = gate.clock()
         local = gate.state.local
-        earlier = local.get(request.key_id, request_id, now)
+        earlier = local.answer(request.key_id, request_id, now)
         if earlier is not None:
-            answer: tuple[CheckResult, int] = earlier.answer
-            return answer
+            degraded, lag = earlier
+            return (DEGRADED_OPEN if degraded else ALLOWED), lag
         result, lag = gate.judge(request)
         if result.allowed:
             ttl = DEFAULT_TTL_S if ttl_s is None else min(ttl_s, MAX_TTL_S)
@@ -247,7 +247,8 @@ class Holds:
                 tuple(s for s in scopes_for(request, state.registry) if s in budgets),
                 request.estimated_cost_nanos or 0,
                 now + ttl,
-                (result, lag),
+                result.degraded,
+                lag,
             )
             local.add(hold)
             self.appender.append(hold, request, ttl, now)

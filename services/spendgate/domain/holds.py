@@ -36,7 +36,7 @@ import hashlib
 import heapq
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_TTL_S = 600
@@ -224,14 +224,23 @@ def prune(holds: ScopeHolds, now_ms: int) -> bool:
 
 @dataclass(eq=False, slots=True)
 class LocalHold:
+    """A hold this gate placed. Kept small for the collector: a busy gate places thousands a
+    second, and only the hold object itself is a container the GC must walk (the scopes and
+    place are tuples of atoms, which it stops tracking; the rest are ints and floats)."""
+
     key_id: str
     request_id: str
     scopes: tuple[str, ...]
     nanos: int
     expires_at: float  # epoch s
-    answer: Any = None  # what the reserving check answered (returned again to a retry)
+    degraded: bool = False  # the answer it was allowed with (all a retry needs: allowed, degraded?)
+    lag: int = 0
     place: Place | None = None  # where the hold event landed, once acknowledged
-    counting: set[str] = field(default_factory=set)  # scopes it still adds to locally
+    counting: int = 0  # bit i set: still adds to scopes[i] here
+
+    def counted(self) -> list[str]:
+        """The scopes it still adds to on this gate."""
+        return [scope for i, scope in enumerate(self.scopes) if self.counting >> i & 1]
 
 
 class LocalHolds:
@@ -240,35 +249,41 @@ class LocalHolds:
     A hold counts here from the moment the check allowed it. Once its event is acknowledged at
     ``(p, o)``, the first state record of a scope whose ``watermarks[p] >= o`` includes it in
     ``reserved_usd``; from then on only that record counts it (never both). It stops counting
-    here at its expiry, or when released here. Retries: the answer is remembered per (key,
-    request) until the hold expires.
+    here at its expiry, or when released here; a hold that counts nowhere is forgotten. Retries:
+    the answer is remembered per (key, request) until the hold expires, as three atoms.
     """
 
     def __init__(self) -> None:
         self.pending: dict[str, int] = {}  # scope -> nanos held here, not yet in its state
+        #: holds that still count here somewhere, by (key, request)
         self.requests: dict[tuple[str, str], LocalHold] = {}
+        #: (key, request) -> (expires_at, degraded, lag) of every allowed reserving check
+        self.answers: dict[tuple[str, str], tuple[float, bool, int]] = {}
         self._by_scope: dict[str, list[LocalHold]] = {}
-        self._expiry: list[tuple[float, int, LocalHold]] = []
-        self._n = 0
+        self._expiry: list[tuple[float, str, str]] = []
 
     def __len__(self) -> int:
-        return len(self.requests)
+        return len(self.answers)
 
-    def get(self, key_id: str, request_id: str, now: float) -> LocalHold | None:
-        hold = self.requests.get((key_id, request_id))
-        return hold if hold is not None and hold.expires_at > now else None
+    def answer(self, key_id: str, request_id: str, now: float) -> tuple[bool, int] | None:
+        """``(degraded, lag)`` of the allowed reserving check of this request, while its hold lasts."""
+        known = self.answers.get((key_id, request_id))
+        return (known[1], known[2]) if known is not None and known[0] > now else None
 
     def add(self, hold: LocalHold) -> None:
         """Count ``hold`` on each of its scopes at once (the caller judged it first, without
         awaiting in between: one event loop makes judge-and-hold atomic)."""
-        self.requests[(hold.key_id, hold.request_id)] = hold
+        request = (hold.key_id, hold.request_id)
+        self.answers[request] = (hold.expires_at, hold.degraded, hold.lag)
+        heapq.heappush(self._expiry, (hold.expires_at, hold.key_id, hold.request_id))
+        if not hold.scopes:
+            return
+        self.requests[request] = hold
         pending = self.pending
         for scope in hold.scopes:
             pending[scope] = pending.get(scope, 0) + hold.nanos
             self._by_scope.setdefault(scope, []).append(hold)
-        hold.counting = set(hold.scopes)
-        self._n += 1
-        heapq.heappush(self._expiry, (hold.expires_at, self._n, hold))
+        hold.counting = (1 << len(hold.scopes)) - 1
 
     def _subtract(self, scope: str, nanos: int) -> None:
         left = self.pending.get(scope, 0) - nanos
@@ -276,15 +291,17 @@ class LocalHolds:
             self.pending[scope] = left
         else:
             self.pending.pop(scope, None)
+            self._by_scope.pop(scope, None)  # nothing counts there any more
 
-    def _uncount(self, hold: LocalHold, scope: str) -> None:
-        if scope not in hold.counting:
+    def _uncount(self, hold: LocalHold, index: int) -> None:
+        if not hold.counting >> index & 1:
             return
-        hold.counting.discard(scope)
-        self._subtract(scope, hold.nanos)
-        if scope not in self.pending:  # nothing counts there any more
-            self._by_scope.pop(scope, None)
-        # else the hold leaves _by_scope at the scope's next reflect (O(1) here)
+        hold.counting &= ~(1 << index)
+        self._subtract(hold.scopes[index], hold.nanos)
+        if not hold.counting:
+            request = (hold.key_id, hold.request_id)
+            if self.requests.get(request) is hold:
+                del self.requests[request]
 
     def placed(self, hold: LocalHold, partition: int, offset: int) -> None:
         hold.place = (partition, offset)
@@ -297,33 +314,44 @@ class LocalHolds:
             return
         keep = []
         for hold in holds:  # one pass: a busy scope may have hundreds in flight
-            if scope not in hold.counting:
+            index = hold.scopes.index(scope)
+            if not hold.counting >> index & 1:
                 continue  # released or expired since
             place = hold.place
             if place is not None and watermarks.get(str(place[0]), -1) >= place[1]:
-                hold.counting.discard(scope)
-                self._subtract(scope, hold.nanos)
+                self._uncount(hold, index)
             else:
                 keep.append(hold)
+        if scope not in self._by_scope:
+            return  # the last one left: _subtract dropped the list
         if not keep:
             del self._by_scope[scope]
         elif len(keep) < len(holds):
             self._by_scope[scope] = keep
 
     def release(self, key_id: str, request_id: str) -> LocalHold | None:
-        """Stop counting a hold placed here (its release event is the caller's to append)."""
+        """Stop counting a hold placed here and forget its answer (its release event is the
+        caller's to append)."""
+        self.answers.pop((key_id, request_id), None)
         hold = self.requests.pop((key_id, request_id), None)
         if hold is not None:
-            for scope in list(hold.counting):
-                self._uncount(hold, scope)
+            self._uncount_all(hold)
         return hold
 
+    def _uncount_all(self, hold: LocalHold) -> None:
+        for index in range(len(hold.scopes)):
+            self._uncount(hold, index)
+
     def expire(self, now: float) -> None:
-        """Forget holds whose TTL has passed. O(1) when none has."""
+        """Forget holds and answers whose TTL has passed. O(1) when none has."""
         heap = self._expiry
         while heap and heap[0][0] <= now:
-            _, _, hold = heapq.heappop(heap)
-            for scope in list(hold.counting):
-                self._uncount(hold, scope)
-            if self.requests.get((hold.key_id, hold.request_id)) is hold:
-                del self.requests[(hold.key_id, hold.request_id)]
+            _, key_id, request_id = heapq.heappop(heap)
+            request = (key_id, request_id)
+            known = self.answers.get(request)
+            if known is not None and known[0] <= now:
+                del self.answers[request]
+            hold = self.requests.get(request)
+            if hold is not None and hold.expires_at <= now:
+                del self.requests[request]
+                self._uncount_all(hold)
