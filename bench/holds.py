@@ -191,14 +191,16 @@ def run_reserve_latency(stack: Stack, workdir: Path, keys: int, quick: bool) -> 
         import psutil
 
         process = psutil.Process(api.pid)
+        broker = psutil.Process(stack.broker.process.popen.pid)  # type: ignore[attr-defined]
 
         def shoot(bodies: Path) -> dict[str, Any]:
-            """One run, and the API process's CPU per request (user + system, load-independent)."""
-            before = sum(process.cpu_times()[:2])
+            """One run, and the CPU per request of the API process and of the broker (user +
+            system: what each request costs, whatever else the machine does)."""
+            before, broker_before = sum(process.cpu_times()[:2]), sum(broker.cpu_times()[:2])
             result = gate.shoot(server, bodies, rate, duration, warmup)
-            result["api_cpu_us_per_request"] = (
-                (sum(process.cpu_times()[:2]) - before) / result["completed"] * 1e6
-            )
+            done = result["completed"] or 1
+            result["api_cpu_us_per_request"] = (sum(process.cpu_times()[:2]) - before) / done * 1e6
+            result["broker_cpu_us_per_request"] = (sum(broker.cpu_times()[:2]) - broker_before) / done * 1e6
             return result
 
         runs: dict[str, list[dict[str, Any]]] = {"plain": [], "reserve": []}
@@ -217,6 +219,7 @@ def run_reserve_latency(stack: Stack, workdir: Path, keys: int, quick: bool) -> 
             out[name] = {q: summary([r[f"{q}_ms"] for r in rs]) for q in ("p50", "p99", "p999", "max")} | {
                 "achieved_rate": summary([r["achieved_rate"] for r in rs]),
                 "api_cpu_us_per_request": summary([r["api_cpu_us_per_request"] for r in rs]),
+                "broker_cpu_us_per_request": summary([r["broker_cpu_us_per_request"] for r in rs]),
                 "non_2xx": sum(r["completed"] - r["ok"] for r in rs),
                 "missing": sum(r["missing"] for r in rs),
             }

@@ -27,6 +27,7 @@ would count on that replica until its TTL). A release has a deterministic id
 # No "from __future__ import annotations": FastAPI must see the route-local Annotated aliases.
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 import uuid
@@ -52,7 +53,7 @@ from spendgate.domain.money import format_usd
 log = logging.getLogger(__name__)
 
 QUEUE_LIMIT = 100_000  # hold events waiting for the broker; beyond it they stay local only
-LINGER_S = 0.005  # adds to how soon other replicas see a hold (~200 ms anyway), never to a check
+LINGER_S = 0.02  # adds to how soon other replicas see a hold (~200 ms anyway), never to a check
 
 
 @lru_cache(maxsize=100_000)
@@ -77,24 +78,30 @@ def _iso_ms(instant: float) -> str:
     return datetime.fromtimestamp(instant, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+_EVENT_IDS = itertools.count()
+_EVENT_PREFIX = f"hold-{uuid.uuid4().hex[:16]}-"  # unique per process; a counter after it
+
+
 def hold_event(request: CheckRequest, request_id: str, ttl_s: int, now: float) -> dict[str, Any]:
-    """The ``kind: "hold"`` usage event of an allowed reserving check."""
-    return {
+    """The ``kind: "hold"`` usage event of an allowed reserving check (fields without a value
+    are left out, as the contract allows)."""
+    event: dict[str, Any] = {
         "v": 1,
-        "event_id": f"hold-{uuid.uuid4().hex}",
+        "event_id": f"{_EVENT_PREFIX}{next(_EVENT_IDS)}",
         "kind": "hold",
         "occurred_at": _iso_ms(now),
         "key_id": request.key_id,
-        "end_user_id": request.end_user_id,
-        "model": request.model,
-        "tags": list(request.tags or ()),
-        "user_id": request.user_id,
-        "team_id": request.team_id,
-        "org_id": request.org_id,
         "request_id": request_id,
         "estimated_cost_usd": format_usd(request.estimated_cost_nanos or 0),
         "hold_ttl_s": ttl_s,
     }
+    for name in ("end_user_id", "model", "user_id", "team_id", "org_id"):
+        value = getattr(request, name)
+        if value is not None:
+            event[name] = value
+    if request.tags:
+        event["tags"] = list(request.tags)
+    return event
 
 
 def release_event(key_id: str, request_id: str, now: float) -> dict[str, Any]:
