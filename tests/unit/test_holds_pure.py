@@ -125,6 +125,18 @@ def test_hold_reserves_on_every_scope_of_its_event_until_settled_by_the_cost() -
     assert s.spend() == 2 * CENT  # the actual cost replaces the estimate, however different
 
 
+def test_a_settle_charges_its_own_scopes_and_only_ends_the_holds_other_scopes() -> None:
+    """The hold named model m1 and tag a; the cost names model m2: m2 is charged, m1 and the tag
+    only see their hold end (they were charged twice before the fix)."""
+    s = Stage()
+    s.feed(records([usage("hold", 1, model="m1", tags=["a"])]))
+    s.feed(records([usage("cost", 1, model="m2")], first=1))
+    for scope in ("key:k1", "model:m1", "key_model:k1/m1", "tag:a", "model:m2", "key_model:k1/m2"):
+        assert s.reserved(scope) == 0, scope
+    assert s.spend("key:k1") == s.spend("model:m2") == s.spend("key_model:k1/m2") == 2 * CENT
+    assert s.spend("model:m1") == s.spend("key_model:k1/m1") == s.spend("tag:a") == 0
+
+
 def test_settle_with_a_smaller_cost_and_release_and_expiry_each_end_the_hold() -> None:
     s = Stage()
     s.feed(records([usage("hold", 1, "a"), usage("hold", 2, "b"), usage("hold", 3, "c", hold_ttl_s=60)]))

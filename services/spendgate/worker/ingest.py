@@ -193,7 +193,8 @@ def plan_batch(
         minute = int(event.occurred_at.timestamp()) // 60
         replayed = offset <= progress.get(p, -1)
         scopes = scopes_for(event, registry) if nanos or event.kind != "cost" else []
-        if ops:
+        charged = frozenset(scopes) if nanos else frozenset()  # the cost goes by its own attribution
+        if ops:  # a settle also ends its hold on the hold's scopes, charging them nothing
             scopes = scopes + [s for s in ops if s not in scopes]
         for scope in scopes:
             if replayed:
@@ -203,7 +204,7 @@ def plan_batch(
                 delta = fresh.get((p, scope)) or fresh.setdefault(
                     (p, scope), Delta(scope, p, offset, batch_last[p])
                 )
-            if nanos:
+            if scope in charged:
                 delta.add(minute, nanos)
             if ops and scope in ops:
                 delta.holds.extend(ops[scope])
