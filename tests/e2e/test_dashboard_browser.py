@@ -332,6 +332,11 @@ async def test_a_team_admin_cannot_open_another_teams_scope(
     error = page.locator("[data-testid=page-error]")
     await error.wait_for()
     assert "You may not open scope team:red" in await error.inner_text()
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    await page.goto(f"{stack.url}/ui/#/scope/..%2F..%2Fv1%2Ftokens%23")  # a path from the fragment
+    await page.locator("[data-testid=page-error]", has_text="not a scope").wait_for()
+    assert not [url for url in requested if "/v1/tokens" in url]  # the token went nowhere else
     async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client:
         headers = {"Authorization": f"Bearer {teams['team_admin']}"}
         for path in ("/v1/spend/team:red/series", "/v1/spend/team:red"):

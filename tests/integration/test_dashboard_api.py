@@ -251,6 +251,10 @@ async def test_series_takes_an_explicit_range(world: World) -> None:
         "from=2000-01-01T00:00:00Z&to=2026-12-01T00:00:00Z",  # too many buckets
         "from=yesterday",  # not a time
         "from=2026-12-01T00:00:00",  # no offset
+        "to=0001-01-01T05:00:00Z",  # bucket arithmetic would leave datetime's range (was a 500)
+        "bucket=1d&from=9999-12-30T00:00:00Z&to=9999-12-31T12:00:00Z",
+        "to=9999-12-31T23:59:59Z",
+        "from=1969-12-31T00:00:00Z&to=1970-01-01T05:00:00Z",
     ],
 )
 async def test_series_refuses_bad_ranges_with_422(world: World, query: str) -> None:

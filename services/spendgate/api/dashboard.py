@@ -26,6 +26,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from spendgate.adapters.follower import Handler
 from spendgate.api.auth import TokenCache, principal_dependency
 from spendgate.api.errors import Forbidden, Unprocessable, error_responses
+from spendgate.api.paths import scope_in_path
 from spendgate.domain.authority import Action, BudgetTarget, Denied, Principal, Role, authorize
 from spendgate.domain.errors import InvalidInput
 from spendgate.domain.gate_state import GateState, epoch, nanos
@@ -351,6 +352,9 @@ def _authorize_scope(caller: Principal, scope: Scope, state: GateState) -> None:
         raise Forbidden(decision.reason, code=decision.code)
 
 
+LATEST_INSTANT = datetime(9000, 1, 1, tzinfo=UTC).timestamp()
+
+
 def _instant(value: str | None, field: str) -> float | None:
     if value is None:
         return None
@@ -363,23 +367,18 @@ def _instant(value: str | None, field: str) -> float | None:
     if parsed.tzinfo is None:
         raise Unprocessable(f"{field}: needs a UTC offset (Z or +hh:mm)", details={"field": field})
     try:
-        return parsed.astimezone(UTC).timestamp()
-    except (OverflowError, ValueError):  # pragma: no cover - extreme years
-        raise Unprocessable(f"{field}: out of range", details={"field": field}) from None
+        instant = parsed.astimezone(UTC).timestamp()
+    except (OverflowError, ValueError):
+        instant = -1.0
+    if not 0 <= instant < LATEST_INSTANT:  # bucket arithmetic near year 1 or 9999 leaves datetime's range
+        raise Unprocessable(f"{field}: out of range (1970 to 9000)", details={"field": field})
+    return instant
 
 
 def _scope_of_series(request: Request) -> Scope:
     """The scope between ``/v1/spend/`` and ``/series``, from the raw path (an encoded ``/`` stays)."""
-    raw: bytes = request.scope.get("raw_path") or request.url.path.encode()
-    text = raw.decode("latin-1").split("?", 1)[0]
-    marker = "/v1/spend/"
-    tail = text[text.find(marker) + len(marker) :].removesuffix("/series")
-    head, sep, rest = tail.partition(":")
-    if not sep and "%3a" in tail.lower():
-        i = tail.lower().index("%3a")
-        head, rest = tail[:i], tail[i + 3 :]
     try:
-        return Scope.parse(f"{head}:{rest}")
+        return scope_in_path(request, "/v1/spend/", suffix="/series")
     except InvalidInput as exc:
         raise Unprocessable(f"scope: {exc.reason}", details={"field": "scope"}) from None
 

@@ -226,8 +226,16 @@ async function renderOverview(r) {
     </table>`;
 }
 
+// A scope's text is "kind:part[/part]" with each part percent-encoded (CONTRACT §1): it goes into
+// the API path as it is. Anything else from the URL fragment (a "?", a "#", a ".." segment) could
+// send this token to another API path: refused here.
+const SCOPE_TEXT = /^[a-z_]+:[^?#\s]*$/;
+
 async function renderScope(r) {
   const scope = r.scope;
+  if (!SCOPE_TEXT.test(scope) || scope.split("/").some((part) => part === ".." || part === ".")) {
+    throw new ApiError(422, "invalid", "not a scope (kind:id, e.g. team:t1)");
+  }
   const path = `/v1/spend/${scope}`;
   const [now, hourly, daily] = await Promise.all([
     api(path), api(`${path}/series?bucket=1h`), api(`${path}/series?bucket=1d`),
