@@ -398,3 +398,18 @@ def test_local_pending_is_always_the_sum_of_the_holds_still_counting(ops: list[t
             want = sum(h.nanos for h in live if scope in h.counted())
             assert holds.pending.get(scope, 0) == want
         assert set(holds.requests.values()) == {h for h in placed.values() if h.counting}
+
+
+def test_a_hold_placed_after_its_state_record_arrived_stops_counting_there_alone() -> None:
+    holds = LocalHolds()
+    first, second = local_hold("r1"), local_hold("r2")
+    holds.add(first)
+    holds.add(second)
+    holds.placed(first, 0, 5)
+    holds.reflect_hold(first, {"key:k1": {"0": 5}})
+    assert holds.pending == {"key:k1": CENT} and holds.requests == {("k1", "r2"): second}
+    holds.placed(second, 0, 6)
+    holds.reflect_hold(second, {"key:k1": {"0": 5}})  # not reflected yet
+    assert holds.pending == {"key:k1": CENT}
+    holds.reflect("key:k1", {"0": 6})
+    assert holds.pending == {} and holds.requests == {}

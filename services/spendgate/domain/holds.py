@@ -329,6 +329,19 @@ class LocalHolds:
         elif len(keep) < len(holds):
             self._by_scope[scope] = keep
 
+    def reflect_hold(self, hold: LocalHold, states: Mapping[str, Mapping[str, int] | None]) -> None:
+        """``hold`` was just placed: stop counting it on each scope whose state record (its
+        ``watermarks`` in ``states``) already reflects it. O(its scopes), where ``reflect`` of
+        each scope would walk every hold in flight there."""
+        place = hold.place
+        if place is None:
+            return
+        partition = str(place[0])
+        for index, scope in enumerate(hold.scopes):
+            watermarks = states.get(scope)
+            if watermarks and watermarks.get(partition, -1) >= place[1]:
+                self._uncount(hold, index)  # it leaves _by_scope at that scope's next reflect
+
     def release(self, key_id: str, request_id: str) -> LocalHold | None:
         """Stop counting a hold placed here and forget its answer (its release event is the
         caller's to append)."""
