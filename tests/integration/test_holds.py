@@ -365,3 +365,25 @@ async def test_replay_equals_live_over_the_log_with_holds(world: World) -> None:
     assert [(w["window"], w["spend_usd"], w["reserved_usd"]) for w in scope["windows"]] == [
         ("total", "0.3", "0.25")
     ]
+
+
+async def test_a_slash_in_a_request_id_releases_and_a_revoked_key_is_denied_on_a_retry(world: World) -> None:
+    key = new_key()
+    await budget(world, f"key:{key}", "1")
+    assert (await check(world, key, "chat/123", "0.90"))["allowed"]
+    assert not (await check(world, key, "r2", "0.50"))["allowed"]
+    resp = await world.client.delete("/v1/holds/chat%2F123", params={"key_id": key}, headers=AUTH)
+    assert resp.status_code == 204  # was a 404: the router decoded %2F before matching
+    assert (await check(world, key, "r2", "0.50"))["allowed"]
+    bad = {"key_id": key, "reserve": True, "request_id": "a\nb", "estimated_cost_usd": "0.1"}
+    refused = await world.client.post("/v1/check", json=bad, headers=AUTH)
+    assert refused.status_code == 422 and "request_id" in refused.text  # it could never be released
+    revoked = {"v": 1, "type": "key", "version": 1, "key_id": key, "revoked": True}
+    await produce(world.settings, "config", [(f"key/{key}", revoked)])
+
+    async def denied() -> None:
+        assert not (await check(world, key))["allowed"]
+
+    await eventually(denied, timeout=30, interval=0.05)
+    retry = await check(world, key, "r2", "0.50")  # its earlier answer was "allowed"
+    assert not retry["allowed"] and retry["blocked_by"][0].get("code") == "key_revoked"

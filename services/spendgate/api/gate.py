@@ -282,7 +282,7 @@ class CheckBody(BaseModel):
     team_id: Id | None = None
     org_id: Id | None = None
     estimated_cost_usd: CostUsd | None = None
-    request_id: Annotated[str, Field(max_length=256)] | None = None
+    request_id: Id | None = None  # one rule for every id: its hold is released by it in a path
     reserve: bool = Field(False, description="hold estimated_cost_usd for request_id when allowed")
     hold_ttl_s: Annotated[int, Field(ge=1, le=3600)] | None = Field(None, description="default 600")
 

@@ -199,10 +199,9 @@ class HoldAppender:
     def _placed(self, hold: LocalHold, partition: int, offset: int) -> None:
         local = self.state.local
         local.placed(hold, partition, offset)
-        for scope in hold.counted():  # a state record may have reflected it already
-            held = self.state.states.get(scope)
-            if held is not None:
-                local.reflect(scope, held.watermarks)
+        states = self.state.states  # a state record may have reflected it already
+        known = {scope: states[scope].watermarks for scope in hold.counted() if scope in states}
+        local.reflect_hold(hold, known)
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Send what is queued (bounded), then stop."""
@@ -238,7 +237,8 @@ class Holds:
         now = gate.clock()
         local = gate.state.local
         earlier = local.answer(request.key_id, request_id, now)
-        if earlier is not None:
+        key = gate.state.registry.keys.get(request.key_id)
+        if earlier is not None and not (key is not None and key.revoked):  # a revocation wins
             degraded, lag = earlier
             return (DEGRADED_OPEN if degraded else ALLOWED), lag
         result, lag = gate.judge(request)
@@ -278,7 +278,7 @@ def holds_router(gate: Judge, holds: Holds, tokens: TokenCache) -> APIRouter:
     Ingester = Annotated[Principal, Depends(gate_dependency(tokens, Action.INGEST))]
 
     @router.delete(
-        "/holds/{request_id}",
+        "/holds/{request_id:path}",  # a request id may hold "/" (sent encoded or not)
         status_code=204,
         summary="Release the hold of a request (idempotent; 204 whether or not one was held)",
     )
