@@ -10,13 +10,12 @@ import random
 import subprocess
 import sys
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
 from tests.integration.test_worker import (
     KEYS,
-    NOW,
     TEAM_ORG,
     event,
     expected_totals,
@@ -62,8 +61,9 @@ async def test_replay_diff_live_equals_a_live_worker_and_names_a_tampered_scope(
     worker = ServiceProcess("worker", settings, tmp_path / "worker.log").start()
     try:
         events = make_events(rng, 3000)
+        two_days_ago = (datetime.now(UTC) - timedelta(days=2)).isoformat()
         late = [  # occurred two days ago, produced now
-            event(str(e["key_id"]), str(e["cost_usd"]), occurred_at=(NOW - timedelta(days=2)).isoformat())
+            event(str(e["key_id"]), str(e["cost_usd"]), occurred_at=two_days_ago)
             for e in rng.sample(events, 200)
         ]
         announcements = [{**event("k1", "0"), "kind": "request", "cost_usd": None} for _ in range(20)]
