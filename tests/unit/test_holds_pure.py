@@ -223,7 +223,7 @@ def test_hold_marks_survive_a_restart_through_the_table() -> None:
 def test_hold_marks_are_forgotten_after_the_horizon() -> None:
     book = HoldBook(horizon_s=10)
     assert book.on_hold("h", 0, 1, ["key:k1"])
-    key, _ = book.take_record(0, now=100) or ("", {})
+    [(key, _)] = book.take_records(0, now=100)
     assert book.expire(0, now=105) == []
     assert book.expire(0, now=111) == [key]
     assert book.starts == {} and book.ends == {}
@@ -413,3 +413,20 @@ def test_a_hold_placed_after_its_state_record_arrived_stops_counting_there_alone
     assert holds.pending == {"key:k1": CENT}
     holds.reflect("key:k1", {"0": 6})
     assert holds.pending == {} and holds.requests == {}
+
+
+def test_hold_marks_are_written_in_records_of_bounded_size_and_read_back() -> None:
+    from spendgate.domain.holds import MARKS_PER_RECORD
+
+    book = HoldBook()
+    for offset in range(2 * MARKS_PER_RECORD + 1):
+        if offset % 2:
+            book.on_end(f"h{offset}", 0, offset)
+        else:
+            assert book.on_hold(f"h{offset}", 0, offset, ["key:k1"])
+    records = book.take_records(0, now=100)
+    assert [len(r["s"]) + len(r["e"]) for _, r in records] == [MARKS_PER_RECORD, MARKS_PER_RECORD, 1]
+    assert len({key for key, _ in records}) == 3
+    again = HoldBook()
+    again.load(0, records)
+    assert again.starts == book.starts and again.ends == book.ends

@@ -45,6 +45,8 @@ MEMORY_S = 2 * MAX_TTL_S
 """How long stage A remembers a request's marks. A hold older than its TTL counts nothing
 anyway, and an end that came first voids a hold arriving up to ``MAX_TTL_S`` later."""
 
+MARKS_PER_RECORD = 500
+
 HoldOp = list[Any]  # [hold id, nanos, expires_at_ms] (add) or [hold id] (end)
 ScopeHolds = dict[str, list[int]]  # hold id -> [nanos, expires_at_ms]
 
@@ -154,18 +156,26 @@ class HoldBook:
             found.append((float(value["t"]), key, starts, ends))
         self._records[partition] = deque(sorted(found))
 
-    def take_record(self, partition: int, now: float) -> tuple[str, dict[str, Any]] | None:
-        """The table record of the marks made since the last call (None when none)."""
-        starts = self._new_starts.pop(partition, [])
-        ends = self._new_ends.pop(partition, [])
-        if not starts and not ends:
-            return None
-        first = min([s[1] for s in starts] + [e[1] for e in ends])
-        key = f"h{partition}/{first}"
-        self._records.setdefault(partition, deque()).append(
-            (now, key, [s[0] for s in starts], [e[0] for e in ends])
+    def take_records(self, partition: int, now: float) -> list[tuple[str, dict[str, Any]]]:
+        """The table records of the marks made since the last call, at most
+        ``MARKS_PER_RECORD`` marks each (a batch of 5,000 settles with long ids would otherwise
+        make one changelog record of megabytes, past a broker's message size limit)."""
+        marks = sorted(
+            [(s[1], "s", s) for s in self._new_starts.pop(partition, [])]
+            + [(e[1], "e", e) for e in self._new_ends.pop(partition, [])],
+            key=lambda m: m[0],
         )
-        return key, {"t": now, "s": starts, "e": ends}
+        out = []
+        for i in range(0, len(marks), MARKS_PER_RECORD):
+            chunk = marks[i : i + MARKS_PER_RECORD]
+            starts = [m[2] for m in chunk if m[1] == "s"]
+            ends = [m[2] for m in chunk if m[1] == "e"]
+            key = f"h{partition}/{chunk[0][0]}"
+            self._records.setdefault(partition, deque()).append(
+                (now, key, [s[0] for s in starts], [e[0] for e in ends])
+            )
+            out.append((key, {"t": now, "s": starts, "e": ends}))
+        return out
 
     def pending_partitions(self) -> set[int]:
         return set(self._new_starts) | set(self._new_ends)

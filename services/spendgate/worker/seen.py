@@ -109,7 +109,5 @@ def plan_with_seen(
             writes.setdefault(p, []).append(record)
     if holds is not None:
         for p in holds.pending_partitions():
-            marks = holds.take_record(p, now.get(p, 0.0))
-            if marks is not None:
-                writes.setdefault(p, []).append(marks)
+            writes.setdefault(p, []).extend(holds.take_records(p, now.get(p, 0.0)))
     return plan, writes
