@@ -147,6 +147,14 @@ def test_settle_with_a_smaller_cost_and_release_and_expiry_each_end_the_hold() -
     assert s.reserved(seconds=60) == 0  # expired at occurred_at + hold_ttl_s, in event time
 
 
+def test_a_hold_dated_in_the_future_expires_its_ttl_after_the_broker_appended_it() -> None:
+    """A gateway clock running ahead (occurred_at in 2099) must not pin the budget until then."""
+    s = Stage()
+    s.feed(records([usage("hold", 1, "f", hold_ttl_s=60, occurred_at="2099-01-01T00:00:00Z")]))
+    assert s.reserved(seconds=59.9) == CENT  # appended at T0 (records() stamps the broker time)
+    assert s.reserved(seconds=60) == 0
+
+
 def test_settle_before_its_hold_in_the_log_voids_the_hold() -> None:
     s = Stage()
     s.feed(records([usage("cost", 1), usage("hold", 2)]))

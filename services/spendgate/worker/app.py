@@ -143,8 +143,8 @@ class Worker:
         the event was even produced."""
         if self.config_barrier is not None:
             await self.config_barrier()
-        records = [
-            RawRecord(e.message.partition, e.message.offset, e.message.value, e.message.key) for e in events
+        records = [  # the append time bounds a hold's expiry, as replay reads it too
+            RawRecord(m.partition, m.offset, m.value, m.key, m.timestamp) for m in (e.message for e in events)
         ]
         partitions = {r.partition for r in records}
         self._forget_seen_ids_after_a_rebalance()

@@ -24,6 +24,7 @@ offsets be committed: in that order.
 from __future__ import annotations
 
 import base64
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -187,7 +188,7 @@ def plan_batch(
         nanos = event.charge_nanos
         ops: dict[str, list[HoldOp]] | None = None
         if holds is not None and event.request_id and event.kind != "request":
-            ops = _hold_ops(holds, event, p, offset, registry)
+            ops = _hold_ops(holds, event, p, offset, registry, record.timestamp)
         if not nanos and ops is None:
             continue
         minute = int(event.occurred_at.timestamp()) // 60
@@ -214,11 +215,20 @@ def plan_batch(
 
 
 def _hold_ops(
-    holds: HoldBook, event: UsageEvent, partition: int, offset: int, registry: RegistryView
+    holds: HoldBook,
+    event: UsageEvent,
+    partition: int,
+    offset: int,
+    registry: RegistryView,
+    appended_at: float | None = None,
 ) -> dict[str, list[HoldOp]]:
     """The hold ops of one event with a ``request_id``, per scope (empty: it holds or ends
     nothing). A hold is charged to the scopes of its own event; an end reaches the scopes its
-    hold was charged to, whatever the settling event's own attribution says."""
+    hold was charged to, whatever the settling event's own attribution says.
+
+    A hold expires its TTL after its ``occurred_at``, or after the broker appended it if that
+    is earlier: a gateway clock running ahead (``occurred_at`` in 2099) cannot pin a budget. The
+    append time is in the log, so replay computes the same expiry."""
     assert event.request_id is not None
     hid = hold_id(event.key_id, event.request_id)
     if event.kind == "hold":
@@ -228,7 +238,7 @@ def _hold_ops(
         add: HoldOp = [
             hid,
             event.estimated_cost_usd or 0,
-            expires_at_ms(event.occurred_at.timestamp(), event.hold_ttl_s),
+            expires_at_ms(min(event.occurred_at.timestamp(), appended_at or math.inf), event.hold_ttl_s),
         ]
         return {scope: [add] for scope in scopes}
     return {scope: [[hid]] for scope in holds.on_end(hid, partition, offset)}
