@@ -173,6 +173,35 @@ def test_overview_puts_blocked_scopes_first_soonest_unblock_first_then_by_share_
     assert [r.soft_crossed for r in rows[2:]] == [True, True, False, False]
 
 
+def test_holds_count_in_the_overview_as_a_check_counts_them() -> None:
+    """A key whose holds fill its limit is denied by every check: the overview says blocked too."""
+    state = GateState()
+    now = T0 + HOUR
+    budget(state, "key:h", "1")
+    start = now // DAY * DAY
+    state.apply_state(
+        {
+            "v": 1,
+            "scope": "key:h",
+            "as_of": iso(now),
+            "holds_expire_at": iso(now + 600),
+            "windows": [
+                {
+                    "window": "1d",
+                    "start": iso(start),
+                    "resets_at": iso(start + DAY),
+                    "spend_usd": "0.25",
+                    "reserved_usd": "0.75",
+                },
+            ],
+        }
+    )
+    (row,) = overview_rows(state, now)
+    assert row.blocked and percent(row.ratio_ppm) == "100" and row.spend == USD // 4
+    (after,) = overview_rows(state, now + 600)  # the holds expired
+    assert not after.blocked and percent(after.ratio_ppm) == "25"
+
+
 def test_a_block_whose_resets_at_passed_is_over_in_the_overview() -> None:
     state = GateState()
     budget(state, "team:t", "1")

@@ -219,8 +219,9 @@ def overview_row(state: GateState, scope: str, budget: CompiledBudget, now: floa
     """One budgeted scope's line of the overview: its most used window, blocked or not, soft."""
     held = state.states.get(scope)
     by_window = held.by_window if held is not None else None
+    reserved = state.held(scope, now)  # holds count in every window, as a check counts them
     best: tuple[int, str | None, Nanos, Nanos | None] = (-1, None, 0, None)
-    soft = False
+    soft = held_full = False
     for lim in budget.limits:
         spend = 0
         if by_window is not None:
@@ -230,7 +231,9 @@ def overview_row(state: GateState, scope: str, budget: CompiledBudget, now: floa
                 if (w_resets is None) or ((w_start is None or w_start <= now) and now < w_resets):
                     spend = w_spend
         cap = lim.max_nanos
-        ratio = spend * 1_000_000 // cap if cap > 0 else (10**12 if spend > 0 else 1_000_000)
+        held_full = held_full or (reserved > 0 and spend + reserved >= cap)
+        used = spend + reserved
+        ratio = used * 1_000_000 // cap if cap > 0 else (10**12 if used > 0 else 1_000_000)
         if ratio > best[0]:
             best = (ratio, lim.window, spend, cap)
         if lim.soft_nanos is not None and spend >= lim.soft_nanos:
@@ -245,6 +248,8 @@ def overview_row(state: GateState, scope: str, budget: CompiledBudget, now: floa
             if finite and len(finite) == len(live):
                 last = max(finite, key=lambda w: w.resets_at or 0.0)
                 resets, resets_text = last.resets_at, last.resets_at_text
+    if not blocked and held_full:  # denied by holds alone: blocked until they end (no countdown)
+        blocked = True
     ratio = max(best[0], 0)
     order = _urgency(scope, blocked, resets, ratio)
     return OverviewRow(order, scope, blocked, resets_text, resets, ratio, *best[1:], soft)
