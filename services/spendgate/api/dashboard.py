@@ -49,6 +49,10 @@ from spendgate.domain.series import (
 from spendgate.domain.windows import iso
 
 OVERVIEW_TTL_S = 5.0  # overview order and top lists: recomputed at most every 5 s (100k scopes: ~0.3 s)
+STALE_ANSWER_S = 3 * OVERVIEW_TTL_S
+"""An expired answer is given at once while the next is computed only if it is younger than
+this: a dashboard polling every few seconds never waits; one opened after an idle hour does
+not see that hour's old list."""
 SLICE = 500  # scopes handled between two yields to the event loop (~2 ms idle, ~15 ms loaded)
 TopAnswer = tuple[int | None, list[tuple[str, int]]]  # (window start, [(scope, nanos)])
 DEFAULT_RANGE = {"1h": 48 * HOUR, "1d": 90 * DAY}
@@ -124,8 +128,8 @@ class Dashboard:
         thread would make every check wait for the GIL behind it: p99 of checks rose to ~400 ms
         that way), and kept as :data:`OrderKey` tuples, not row objects (100,000 of those kept
         the garbage collector busy). Concurrent callers share one computation; once there is a
-        result, an expired one is answered at once while the next is computed (its order is
-        stale by at most the TTL plus one computation; the rows of a page are built fresh).
+        result, an expired one younger than ``STALE_ANSWER_S`` is answered at once while the next
+        is computed (the rows of a page are built fresh); an older one waits for the next.
         """
         cached = self._overview
         if cached is not None and 0 <= now - cached[0] < OVERVIEW_TTL_S:
@@ -142,7 +146,7 @@ class Dashboard:
 
             computing.add_done_callback(done)
             self._computing = computing
-        if cached is not None:
+        if cached is not None and now - cached[0] < STALE_ANSWER_S:
             return cached[1]
         return await asyncio.shield(self._computing)
 
@@ -264,7 +268,7 @@ class Dashboard:
 
             computing.add_done_callback(done)
             self._top_computing[key] = computing
-        if cached is not None:
+        if cached is not None and now - cached[0] < STALE_ANSWER_S:
             return cached[1]
         return await asyncio.shield(computing)
 
