@@ -130,7 +130,13 @@ def fetch_jars(deploy_dir: Path = DEPLOY_DIR, *, timeout_s: float = 600.0) -> Pa
 
 
 def _cluster_id() -> str:
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    """A random KRaft cluster id (22 url-safe base64 characters) that does not start with '-':
+    ``kafka-storage format -t -abc...`` reads such an id as an option and fails (1 start in 64),
+    which is why Kafka's own ``Uuid.randomUuid()`` never makes one."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 @dataclass
