@@ -4,6 +4,7 @@ them, and checks block on spend + reserved."""
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -438,3 +439,14 @@ def test_hold_marks_are_written_in_records_of_bounded_size_and_read_back() -> No
     again = HoldBook()
     again.load(0, records)
     assert again.starts == book.starts and again.ends == book.ends
+
+
+def test_a_check_denied_by_holds_alone_retries_when_they_expire_not_when_the_window_resets() -> None:
+    gs = gate_with_limit("1")
+    gs.local.add(local_hold("r1", nanos=100 * CENT, expires=NOW + 60))  # the whole $1 held for 60 s
+    denied = check(CheckRequest(key_id="k1"), gs, NOW)
+    assert not denied.allowed and denied.blocked_by[0].reserved == 100 * CENT
+    assert denied.retry_after_s == 60  # not the hours until the day's window resets
+    gs.apply_state(state_record("key:k1", ("1d", "1"), day=(DAY_START, DAY_END)))  # really spent
+    spent = check(CheckRequest(key_id="k1"), gs, NOW)
+    assert spent.retry_after_s == math.ceil(DAY_END - NOW)  # spend binds: the window's reset

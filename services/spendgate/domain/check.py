@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from spendgate.domain.attribution import scopes_for
@@ -63,6 +63,7 @@ class Binding:
     resets_at_text: str | None = None
     code: str | None = None  # ``key_revoked``; None for a budget window
     reserved: Nanos = 0  # held by outstanding holds; shown as ``reserved_usd`` when not 0
+    frees_at: float | None = None  # denied by holds alone: when they have all expired (Retry-After)
 
     def to_json(self) -> dict[str, Any]:
         resets = self.resets_at_text
@@ -126,11 +127,11 @@ def check(request: CheckRequest, state: GateState, now: float) -> CheckResult:
         budget = budgets.get(scope)
         unblocked = decision is None or not decision[1]  # then only rule (b) can bind
         held = state.held(scope, now) if holding and budget is not None else 0
-        if unblocked and (
-            budget is None or not _over_budget(budget, states.get(scope), now, estimate, held)
-        ):
+        if unblocked and (budget is None or not _over_budget(budget, states.get(scope), now, estimate, held)):
             continue
         bindings = scope_bindings(scope, decision, budget, states.get(scope), now, estimate, held)
+        if held and bindings:
+            bindings = _until_holds_end(bindings, state.held_until(scope, now), estimate)
         if bindings:
             if found is None:
                 found = bindings
@@ -216,11 +217,28 @@ def scope_bindings(
     return list(out.values())
 
 
+def _until_holds_end(
+    bindings: list[Binding], frees_at: float | None, estimate: Nanos | None
+) -> list[Binding]:
+    """Mark the bindings that only holds make bind: they end when the holds do, at the latest
+    (a settle usually ends them much sooner), not when the window resets hours later."""
+    if frees_at is None:
+        return bindings
+    return [
+        replace(b, frees_at=frees_at)
+        if b.reserved and b.code is None and b.spend < b.limit and b.spend + (estimate or 0) <= b.limit
+        else b
+        for b in bindings
+    ]
+
+
 def retry_after(bindings: Sequence[Binding], now: float) -> int | None:
-    """Whole seconds until every binding window has reset; None when one never resets."""
+    """Whole seconds until every binding has ended (its window reset, or the holds that alone make
+    it bind expired); None when one never ends."""
     latest = 0.0
     for b in bindings:
-        if b.resets_at is None:
+        ends = b.resets_at if b.frees_at is None else min(b.frees_at, b.resets_at or math.inf)
+        if ends is None:
             return None
-        latest = max(latest, b.resets_at)
+        latest = max(latest, ends)
     return max(1, math.ceil(latest - now))

@@ -249,6 +249,14 @@ class GateState:
             extra += reserved[0]
         return extra
 
+    def held_until(self, scope: str, now: float) -> float | None:
+        """When every hold counting on ``scope`` at ``now`` has expired, at the latest."""
+        ends = [self.local.latest_expiry(scope)]
+        reserved = self.reserved.get(scope)
+        if reserved is not None and now < reserved[1]:
+            ends.append(reserved[1])
+        return max((end for end in ends if end is not None), default=None)
+
     # --- read -----------------------------------------------------------------------------
 
     def current_window(self, scope: str, window: str, now: float) -> HeldWindow | None:

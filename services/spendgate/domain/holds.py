@@ -275,6 +275,10 @@ class LocalHolds:
     def __len__(self) -> int:
         return len(self.answers)
 
+    def latest_expiry(self, scope: str) -> float | None:
+        """When the last hold still counting here on ``scope`` expires (None: none counts)."""
+        return max((hold.expires_at for hold in self._by_scope.get(scope, ())), default=None)
+
     def answer(self, key_id: str, request_id: str, now: float) -> tuple[bool, int] | None:
         """``(degraded, lag)`` of the allowed reserving check of this request, while its hold lasts."""
         known = self.answers.get((key_id, request_id))
