@@ -18,10 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -36,6 +32,7 @@ import httpx
 import pytest
 import uvicorn
 from pydantic import SecretStr
+from tests.dev_stack import dev_stack
 
 from spendgate.adapters.embedded import free_port
 from spendgate.api.app import create_app
@@ -82,49 +79,8 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
     """`spendgate dev` on free ports with a known admin token."""
-    token = "dash-" + uuid.uuid4().hex
-    port = free_port()
-    root = Path(tempfile.mkdtemp(prefix="spendgate-dash-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPENDGATE_")}
-    env.update(
-        SPENDGATE_API_PORT=str(port),
-        SPENDGATE_KAFKA_PORT=str(free_port()),
-        SPENDGATE_WORKER_WEB_PORT=str(free_port()),
-        SPENDGATE_DATA_DIR=str(root / "data"),
-        SPENDGATE_PARTITIONS="2",
-        SPENDGATE_ADMIN_TOKEN=token,
-    )
-    dev = subprocess.Popen(
-        [sys.executable, "-m", "spendgate.cli", "dev"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        assert dev.stdout is not None
-        for line in dev.stdout:
-            lines.append(line)
-            if "spendgate dev is ready" in line:
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        if not ready.wait(START_TIMEOUT_S):
-            pytest.fail("spendgate dev did not become ready:\n" + "".join(lines))
-        yield Stack(f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"})
-    finally:
-        dev.send_signal(signal.SIGINT)  # stops every child it started
-        try:
-            dev.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(dev.pid, signal.SIGKILL)
-            dev.wait(10)
-        shutil.rmtree(root, ignore_errors=True)
+    with dev_stack("dash", START_TIMEOUT_S) as dev:
+        yield Stack(dev.url, {"Authorization": f"Bearer {dev.token}"})
 
 
 class CaughtUp:

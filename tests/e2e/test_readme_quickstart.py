@@ -8,22 +8,14 @@ the README cannot rot again: the only substitutions are the ones a reader makes 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
-import shutil
-import signal
 import subprocess
-import sys
-import tempfile
-import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from spendgate.adapters.embedded import free_port
+from tests.dev_stack import dev_stack
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 COMMAND_TIMEOUT_S = 30
@@ -53,50 +45,9 @@ def test_the_readme_block_is_found_and_split() -> None:
 @pytest.fixture
 def dev_api() -> Iterator[tuple[int, str]]:
     """`spendgate dev` on free ports with a known admin token: (API port, token)."""
-    token = "readme-" + uuid.uuid4().hex
-    port = free_port()
-    root = Path(tempfile.mkdtemp(prefix="spendgate-readme-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPENDGATE_")}
-    env.update(
-        SPENDGATE_API_PORT=str(port),
-        SPENDGATE_KAFKA_PORT=str(free_port()),
-        SPENDGATE_WORKER_WEB_PORT=str(free_port()),
-        SPENDGATE_DATA_DIR=str(root / "data"),
-        SPENDGATE_PARTITIONS="2",
-        SPENDGATE_ADMIN_TOKEN=token,
-    )
-    dev = subprocess.Popen(
-        [sys.executable, "-m", "spendgate.cli", "dev"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        assert dev.stdout is not None
-        for line in dev.stdout:
-            lines.append(line)
-            if "spendgate dev is ready" in line:
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        if not ready.wait(START_TIMEOUT_S):
-            pytest.fail("spendgate dev did not become ready:\n" + "".join(lines))
-        assert token in "".join(lines)  # the token the README tells the reader to copy
-        yield port, token
-    finally:
-        dev.send_signal(signal.SIGINT)  # stops every child it started
-        try:
-            dev.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(dev.pid, signal.SIGKILL)
-            dev.wait(10)
-        shutil.rmtree(root, ignore_errors=True)
+    with dev_stack("readme", START_TIMEOUT_S) as dev:
+        assert dev.token in "".join(dev.lines)  # the token the README tells the reader to copy
+        yield dev.port, dev.token
 
 
 def test_readme_quick_start_commands_work_when_pasted(dev_api: tuple[int, str]) -> None:
