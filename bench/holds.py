@@ -42,22 +42,10 @@ def trial_keys(n: int) -> dict[str, list[str]]:
     return {name: [f"kh{tag}{i}{name[:1]}{name[-5:]}" for i in range(n)] for name in VARIANTS}
 
 
-async def reserving_check(
-    client: httpx.AsyncClient, url: str, key: str, request_id: str, estimate: str
-) -> bool:
-    body = {"key_id": key, "reserve": True, "request_id": request_id, "estimated_cost_usd": estimate}
-    r = await client.post(f"{url}/v1/check", json=body)
-    r.raise_for_status()
-    answer = r.json()
-    if answer.get("degraded"):
-        raise RuntimeError(f"degraded answer: {answer}")
-    return bool(answer["allowed"])
-
-
 async def hold_trial(
     urls: list[str], key: str, estimate: str, clients: int = 20, timeout_s: float = 60
 ) -> dict[str, Any]:
-    from bench.live import post_events, spend_1d
+    from bench.live import check, post_events, spend_1d
 
     admitted = 0
     errors = 0
@@ -69,7 +57,7 @@ async def hold_trial(
         while time.monotonic() - started < timeout_s:
             n += 1
             request_id = f"{key}-{c}-{n}"
-            if not await reserving_check(client, url, key, request_id, estimate):
+            if not await check(client, url, key, estimate, request_id):
                 return
             event = data.usage_event(key, "0.01", model=None) | {"request_id": request_id}
             try:
@@ -290,8 +278,9 @@ async def run_litellm_overshoot(stack: Stack, workdir: Path, quick: bool) -> dic
     import hashlib
     import json
 
-    from bench.stack import ADMIN_TOKEN
     from tests.litellm_helpers import LITELLM_BIN, FakeOpenAI, LiteLLMProxy, write_config
+
+    from bench.stack import ADMIN_TOKEN
 
     if not LITELLM_BIN.exists():
         raise RuntimeError("no .venv-litellm: run `make litellm-venv` (make bench depends on it)")

@@ -96,10 +96,15 @@ async def wait_spend(client: httpx.AsyncClient, url: str, scope: str, ok: Any, t
         await asyncio.sleep(0.02)
 
 
-async def check(client: httpx.AsyncClient, url: str, key: str, estimate: str | None = None) -> bool:
+async def check(
+    client: httpx.AsyncClient, url: str, key: str, estimate: str | None = None, request_id: str | None = None
+) -> bool:
+    """One check; with ``request_id`` a reserving one (holds ``estimate`` when allowed)."""
     body: dict[str, Any] = {"key_id": key}
     if estimate is not None:
         body["estimated_cost_usd"] = estimate
+    if request_id is not None:
+        body.update(reserve=True, request_id=request_id)
     r = await client.post(f"{url}/v1/check", json=body)
     r.raise_for_status()
     answer = r.json()
