@@ -27,7 +27,15 @@ from spendgate.adapters.follower import Handler
 from spendgate.api.auth import TokenCache, principal_dependency
 from spendgate.api.errors import Forbidden, Unprocessable, error_responses
 from spendgate.api.paths import scope_in_path
-from spendgate.domain.authority import Action, BudgetTarget, Denied, Principal, Role, authorize
+from spendgate.domain.authority import (
+    Action,
+    BudgetTarget,
+    Denied,
+    Principal,
+    Role,
+    authorize,
+    team_admin_may_read,
+)
 from spendgate.domain.errors import InvalidInput
 from spendgate.domain.gate_state import GateState, epoch, nanos
 from spendgate.domain.money import format_usd
@@ -276,19 +284,14 @@ class Dashboard:
         """None = every scope; else a predicate (team admins)."""
         if caller.role is not Role.TEAM_ADMIN:
             return None
-        team = caller.team_id
+        team = caller.team_id or ""
         keys = self.state.registry.keys
 
-        def visible(scope: str) -> bool:
+        def visible(scope: str) -> bool:  # the authority rule, on scope text (no Scope objects)
             kind, _, rest = scope.partition(":")
-            if kind == "team":
-                return rest == encode_id(team or "")
-            if kind == "member":
-                return rest.partition("/")[0] == encode_id(team or "")
-            if kind in ("key", "key_model"):
-                info = keys.get(unquote(rest.partition("/")[0]))
-                return info is not None and info.team_id == team
-            return False
+            owner = unquote(rest.partition("/")[0])
+            info = keys.get(owner) if kind in ("key", "key_model") else None
+            return team_admin_may_read(team, kind, owner, info.team_id if info else None)
 
         return visible
 
