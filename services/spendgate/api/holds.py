@@ -211,9 +211,8 @@ class HoldAppender:
                 break
             await asyncio.sleep(0.05)
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            self._task.cancel()  # bounded: aiokafka can swallow a cancellation inside send/stop
+            await asyncio.wait({self._task}, timeout=max(0.1, deadline - time.monotonic()))
         producer, self._producer = self._producer, None
         if producer is not None:
             with contextlib.suppress(Exception):
