@@ -54,7 +54,7 @@ from spendgate.domain.webhooks import (
 from spendgate.domain.windows import rfc3339
 from spendgate.records import Alert
 from spendgate.settings import Settings
-from spendgate.store.repo import open_pool
+from spendgate.store.pool import open_pool
 from spendgate.store.webhooks import Subscription, WebhookStore
 
 log = logging.getLogger(__name__)

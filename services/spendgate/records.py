@@ -25,6 +25,7 @@ from pydantic import (
 
 from spendgate.domain.errors import InvalidInput
 from spendgate.domain.money import format_usd, parse_cost, parse_usd
+from spendgate.domain.registry import config_key
 from spendgate.domain.scopes import validate_id
 
 _MONEY_SCHEMA = {
@@ -284,6 +285,37 @@ ConfigRecord = Annotated[
     OrgRecord | TeamRecord | KeyRecord | MemberRecord | BudgetRecord | TokenRecord,
     Field(discriminator="type"),
 ]
+
+AnyConfigRecord = OrgRecord | TeamRecord | KeyRecord | MemberRecord | BudgetRecord | TokenRecord
+
+
+def config_ids(record: AnyConfigRecord) -> tuple[str, ...]:
+    """The ids that name the record's entity (a member: team then user; a budget: its scope)."""
+    if isinstance(record, OrgRecord):
+        return (record.org_id,)
+    if isinstance(record, TeamRecord):
+        return (record.team_id,)
+    if isinstance(record, KeyRecord):
+        return (record.key_id,)
+    if isinstance(record, MemberRecord):
+        return (record.team_id, record.user_id)
+    if isinstance(record, BudgetRecord):
+        return (record.scope,)
+    return (record.token_id,)
+
+
+def config_key_of(record: AnyConfigRecord) -> str:
+    """The record's ``spend.config`` key (``domain.registry.config_key``)."""
+    return config_key(record.type, *config_ids(record))
+
+
+def public(record: BaseModel | None) -> dict[str, Any] | None:
+    """The HTTP / audit view of a config record: no envelope fields, never a token hash."""
+    if record is None:
+        return None
+    exclude = {"v", "type", "hash"} if isinstance(record, TokenRecord) else {"v", "type"}
+    return record.model_dump(mode="json", exclude=exclude)
+
 
 SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "usage": UsageEvent,

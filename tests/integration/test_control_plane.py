@@ -15,7 +15,9 @@ from pydantic import SecretStr
 from spendgate.api.auth import TokenCache
 from spendgate.api.control import install_control_plane
 from spendgate.api.errors import install_error_handlers
-from spendgate.store.repo import ControlRepo, open_pool
+from spendgate.control.service import ControlService
+from spendgate.store.control import PostgresControlStore
+from spendgate.store.pool import open_pool
 
 pytestmark = pytest.mark.broker_agnostic  # see pyproject.toml: make test-kafka skips it
 
@@ -27,10 +29,10 @@ def uid(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def app_for(repo: ControlRepo) -> FastAPI:
+def app_for(control: ControlService) -> FastAPI:
     app = FastAPI()
     install_error_handlers(app)
-    install_control_plane(app, repo, TokenCache(SecretStr(ADMIN_TOKEN)))
+    install_control_plane(app, control, TokenCache(SecretStr(ADMIN_TOKEN)))
     return app
 
 
@@ -48,7 +50,7 @@ async def pool(migrated_database_url: str) -> AsyncIterator[AsyncConnectionPool]
 
 @pytest.fixture(scope="module")
 async def client(pool: AsyncConnectionPool) -> AsyncIterator[httpx.AsyncClient]:
-    async with client_for(app_for(ControlRepo(pool))) as c:
+    async with client_for(app_for(ControlService(PostgresControlStore(pool)))) as c:
         yield c
 
 
@@ -294,7 +296,7 @@ async def test_budget_scope_with_an_encoded_slash_round_trips(client: httpx.Asyn
 async def test_database_down_answers_503() -> None:
     dead = await open_pool("postgresql://postgres@127.0.0.1:1/none?connect_timeout=1", timeout_s=0.5)
     try:
-        async with client_for(app_for(ControlRepo(dead))) as c:
+        async with client_for(app_for(ControlService(PostgresControlStore(dead)))) as c:
             resp = await c.put(f"/v1/orgs/{uid('o')}", headers=ADMIN)
         assert resp.status_code == 503
         assert resp.json()["error"]["code"] == "database_unavailable"

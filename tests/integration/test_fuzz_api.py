@@ -44,9 +44,11 @@ from tests.kafka_helpers import eventually
 from spendgate.adapters.kafka import ensure_topics
 from spendgate.api.app import create_app
 from spendgate.api.errors import Unprocessable
+from spendgate.control.service import ControlService
 from spendgate.domain.authority import Principal, Role
 from spendgate.settings import Settings
-from spendgate.store.repo import ControlRepo, open_pool
+from spendgate.store.control import PostgresControlStore
+from spendgate.store.pool import open_pool
 
 # schemathesis' own strategies use `random` (its warning, not ours)
 pytestmark = [
@@ -350,9 +352,9 @@ async def test_a_value_postgres_refuses_is_422_from_the_repository(migrated_data
         await pool.wait()
         admin = Principal(Role.ADMIN, None, "bootstrap-admin")
         with pytest.raises(Unprocessable):
-            await ControlRepo(pool).list_orgs(admin, after="a\x00")
+            await ControlService(PostgresControlStore(pool)).list_orgs(admin, after="a\x00")
         with pytest.raises(Unprocessable):
-            await ControlRepo(pool).get_org(admin, "\ud800")
+            await ControlService(PostgresControlStore(pool)).get_org(admin, "\ud800")
     finally:
         await pool.close()
 

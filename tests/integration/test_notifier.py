@@ -30,7 +30,7 @@ from spendgate.domain.webhooks import (
 )
 from spendgate.notifier import Notifier
 from spendgate.settings import Settings
-from spendgate.store.repo import open_pool
+from spendgate.store.pool import open_pool
 from spendgate.store.webhooks import WebhookSpec, WebhookStore
 
 pytestmark = pytest.mark.integration

@@ -12,12 +12,15 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from psycopg_pool import AsyncConnectionPool
 
 from spendgate.adapters.kafka import fetch_high_watermarks
+from spendgate.control.service import ControlService
 from spendgate.domain.authority import Principal, Role
 from spendgate.domain.budgets import parse_budget
+from spendgate.domain.registry import config_key
 from spendgate.domain.scopes import Scope
 from spendgate.settings import Settings
+from spendgate.store.control import PostgresControlStore
 from spendgate.store.outbox import RELAY_LOCK, OutboxRelay
-from spendgate.store.repo import ControlRepo, budget_key, open_pool, org_key
+from spendgate.store.pool import open_pool
 
 ADMIN = Principal(Role.ADMIN, None, "test-admin")
 
@@ -35,8 +38,8 @@ async def pool(migrated_database_url: str) -> AsyncIterator[AsyncConnectionPool]
 
 
 @pytest.fixture
-def repo(pool: AsyncConnectionPool) -> ControlRepo:
-    return ControlRepo(pool)
+def repo(pool: AsyncConnectionPool) -> ControlService:
+    return ControlService(PostgresControlStore(pool))
 
 
 def relay_for(pool: AsyncConnectionPool, settings: Settings) -> OutboxRelay:
@@ -82,7 +85,7 @@ async def drain(relay: OutboxRelay) -> None:
 
 
 async def test_committed_change_is_published_exactly_as_recorded(
-    pool: AsyncConnectionPool, repo: ControlRepo, settings: Settings
+    pool: AsyncConnectionPool, repo: ControlService, settings: Settings
 ) -> None:
     scope = Scope.parse(f"key:{uid('k')}")
     record = await repo.put_budget(
@@ -91,14 +94,14 @@ async def test_committed_change_is_published_exactly_as_recorded(
     await repo.delete_budget(ADMIN, scope)
     async with pool.connection() as conn:
         cur = await conn.execute(
-            "SELECT value FROM outbox WHERE topic_key = %s ORDER BY id", (budget_key(scope),)
+            "SELECT value FROM outbox WHERE topic_key = %s ORDER BY id", (config_key("budget", str(scope)),)
         )
         recorded = [r["value"] for r in await cur.fetchall()]  # type: ignore[call-overload]
     assert recorded[0] == record.model_dump_json() and recorded[1] is None
 
     await drain(relay_for(pool, settings))
 
-    published = [v for k, v in await read_config(settings) if k == budget_key(scope)]
+    published = [v for k, v in await read_config(settings) if k == config_key("budget", str(scope))]
     assert [None if v is None else v.decode() for v in published] == recorded
     assert json.loads(recorded[0])["version"] == record.version
 
@@ -106,7 +109,7 @@ async def test_committed_change_is_published_exactly_as_recorded(
 async def test_uncommitted_or_rolled_back_change_is_never_published(
     pool: AsyncConnectionPool, settings: Settings
 ) -> None:
-    key = org_key(uid("ghost"))
+    key = config_key("org", uid("ghost"))
     async with pool.connection() as writer:
         await writer.execute("BEGIN")
         await writer.execute("INSERT INTO outbox (topic_key, value) VALUES (%s, %s)", (key, '{"v":1}'))
@@ -117,7 +120,7 @@ async def test_uncommitted_or_rolled_back_change_is_never_published(
 
 
 async def test_change_committed_while_no_relay_runs_is_published_by_the_next_relay(
-    pool: AsyncConnectionPool, repo: ControlRepo, settings: Settings
+    pool: AsyncConnectionPool, repo: ControlService, settings: Settings
 ) -> None:
     org = uid("org")
     await repo.put_org(ADMIN, org)  # the API "dies" here: no relay ever saw this commit
@@ -125,7 +128,7 @@ async def test_change_committed_while_no_relay_runs_is_published_by_the_next_rel
     await relay.start()
     try:
         for _ in range(100):
-            if org_key(org) in [k for k, _ in await read_config(settings)]:
+            if config_key("org", org) in [k for k, _ in await read_config(settings)]:
                 break
             await asyncio.sleep(0.1)
         else:
@@ -135,7 +138,7 @@ async def test_change_committed_while_no_relay_runs_is_published_by_the_next_rel
 
 
 async def test_empty_config_topic_gets_the_full_current_state_republished(
-    pool: AsyncConnectionPool, repo: ControlRepo, settings: Settings
+    pool: AsyncConnectionPool, repo: ControlService, settings: Settings
 ) -> None:
     org, team = uid("org"), uid("team")
     await repo.put_org(ADMIN, org)
@@ -161,7 +164,7 @@ async def test_empty_config_topic_gets_the_full_current_state_republished(
 
 
 async def test_a_restarted_relay_republishes_current_state_even_onto_a_non_empty_topic(
-    pool: AsyncConnectionPool, repo: ControlRepo, settings: Settings
+    pool: AsyncConnectionPool, repo: ControlService, settings: Settings
 ) -> None:
     org = uid("org")
     await repo.put_org(ADMIN, org)
@@ -173,7 +176,7 @@ async def test_a_restarted_relay_republishes_current_state_even_onto_a_non_empty
 
 
 async def test_only_one_relay_runs_at_a_time(
-    pool: AsyncConnectionPool, repo: ControlRepo, settings: Settings
+    pool: AsyncConnectionPool, repo: ControlService, settings: Settings
 ) -> None:
     await repo.put_org(ADMIN, uid("org"))
     relay = relay_for(pool, settings)

@@ -19,15 +19,16 @@ LAYERS: dict[str, int] = {
     "background": 1,
     "adapters": 2,  # Kafka, the embedded broker and Postgres, DNS
     "store": 3,  # Postgres: control plane, outbox (which produces through adapters), webhooks
-    "api": 4,
-    "worker": 4,
-    "notifier": 4,
-    "client": 4,
-    "analysis": 5,  # replay's engine
-    "dev": 5,
-    "integrations": 5,
-    "replay": 6,
-    "cli": 7,
+    "control": 4,  # the control plane's rules over a unit of work (no SQL, no HTTP)
+    "api": 5,
+    "worker": 5,
+    "notifier": 5,
+    "client": 5,
+    "analysis": 6,  # replay's engine
+    "dev": 6,
+    "integrations": 6,
+    "replay": 7,
+    "cli": 8,
 }
 ROOT = Path(spendgate.__file__).parent
 

@@ -50,12 +50,14 @@ from spendgate.api.metrics import GateMetrics
 from spendgate.api.ui import ui_router
 from spendgate.api.visibility import WriteVisibility
 from spendgate.api.webhooks import webhooks_router
+from spendgate.control.service import ControlService
 from spendgate.domain.gate_state import GateState
 from spendgate.domain.series import SpendHistory
 from spendgate.records import TokenRecord
 from spendgate.settings import Settings
+from spendgate.store.control import PostgresControlStore
 from spendgate.store.outbox import OutboxRelay
-from spendgate.store.repo import ControlRepo, unopened_pool
+from spendgate.store.pool import unopened_pool
 from spendgate.store.webhooks import WebhookStore
 
 log = logging.getLogger(__name__)
@@ -110,14 +112,16 @@ def create_app(settings: Settings, *, follower: TopicFollower | None = None) -> 
     gate.holds = holds
 
     pool: AsyncConnectionPool | None = None
-    repo: ControlRepo | None = None
+    control: ControlService | None = None
     relay: OutboxRelay | None = None
     visibility: WriteVisibility | None = None
     probe = kafka.HighWatermarkProbe(settings.kafka_bootstrap, client_id="spendgate-api-watermarks")
     if settings.database_url:
         pool = unopened_pool(settings.database_url)
-        repo = ControlRepo(  # key_activity: a fact for claiming keys
-            pool, key_activity=gate.key_activity, timeout_s=settings.dependency_timeout_s
+        control = ControlService(  # key_activity: a fact for claiming keys
+            PostgresControlStore(pool),
+            key_activity=gate.key_activity,
+            timeout_s=settings.dependency_timeout_s,
         )
         relay = OutboxRelay(
             pool,
@@ -125,7 +129,7 @@ def create_app(settings: Settings, *, follower: TopicFollower | None = None) -> 
             topic=settings.topic("config"),
             prepare=lambda: kafka.ensure_topics(settings),
         )
-        repo.subscribe(relay.wake)
+        control.subscribe(relay.wake)
         if isinstance(the_follower, TopicFollower):
             visibility = WriteVisibility(
                 relay, probe, the_follower, settings.topic("config"), settings.write_timeout_s
@@ -137,9 +141,9 @@ def create_app(settings: Settings, *, follower: TopicFollower | None = None) -> 
         await the_follower.start()
         background.append(asyncio.create_task(_freeze_when_ready(the_follower), name="gc-freeze"))
         background.append(asyncio.create_task(dashboard.warm(the_follower.wait_ready), name="dashboard-warm"))
-        if pool is not None and repo is not None and relay is not None:
+        if pool is not None and control is not None and relay is not None:
             await pool.open(wait=False)
-            background.append(asyncio.create_task(_load_tokens(repo, tokens), name="load-tokens"))
+            background.append(asyncio.create_task(_load_tokens(control, tokens), name="load-tokens"))
             await relay.start()
         try:
             yield
@@ -180,10 +184,10 @@ def create_app(settings: Settings, *, follower: TopicFollower | None = None) -> 
     app.state.check_handler = check_handler(gate, tokens)  # also served ahead of the stack by `api`
     app.include_router(gate_router(gate, tokens, producer, app.state.check_handler))
     app.include_router(holds_router(gate, holds, tokens))
-    if repo is not None:
-        install_control_plane(app, repo, tokens, visibility)
+    if pool is not None and control is not None:
+        install_control_plane(app, control, tokens, visibility)
         allow = [h.strip() for h in settings.webhook_allow_hosts.split(",") if h.strip()]
-        app.include_router(webhooks_router(WebhookStore(repo.pool, timeout_s=repo.timeout_s), tokens, allow))
+        app.include_router(webhooks_router(WebhookStore(pool, timeout_s=control.timeout_s), tokens, allow))
     app.state.gate = gate
     app.state.dashboard = dashboard
     app.state.follower = the_follower
@@ -204,11 +208,11 @@ async def _freeze_when_ready(follower: TopicFollower) -> None:
     gc.freeze()
 
 
-async def _load_tokens(repo: ControlRepo, tokens: TokenCache, retry_s: float = 2.0) -> None:
+async def _load_tokens(control: ControlService, tokens: TokenCache, retry_s: float = 2.0) -> None:
     """Seed the TokenCache from Postgres once (the config topic may lag behind, or be new)."""
     while True:
         try:
-            for record in await repo.all_tokens():
+            for record in await control.all_tokens():
                 tokens.apply(record, record.token_id)
             return
         except Exception as exc:  # noqa: BLE001 - Postgres down: the follower still feeds tokens

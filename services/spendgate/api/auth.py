@@ -1,7 +1,7 @@
 """Bearer-token authentication from an in-memory ``TokenCache`` (no database on the check path).
 
 The cache is fed from two places: the control plane applies every token it mints or revokes in
-this process (``ControlRepo.subscribe``), and the gate's spend.config follower applies the
+this process (``ControlService.subscribe``), and the gate's spend.config follower applies the
 ``TokenRecord``s other API processes published. ``SPENDGATE_ADMIN_TOKEN`` is the bootstrap
 admin. Only sha256 hashes are held and they are compared in constant time.
 """

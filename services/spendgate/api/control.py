@@ -1,7 +1,7 @@
 """Control-plane routes (CONTRACT §4): tokens, orgs, teams, keys, members, budgets, audit.
 
 Each route (module-level; what it needs comes from ``api.deps``) parses and validates its input,
-calls ``ControlRepo`` (which authorizes and writes in
+calls ``ControlService`` (which authorizes and writes in
 one transaction) and renders the record. PUT is idempotent: the same body twice is one change
 (the second returns the stored record and writes neither an audit nor an outbox row).
 
@@ -16,16 +16,16 @@ from fastapi import APIRouter, Body, FastAPI, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from spendgate.api.auth import TokenCache
-from spendgate.api.deps import After, Caller, Limit, Repo, Written
+from spendgate.api.deps import After, Caller, Control, Limit, Written
 from spendgate.api.errors import error_responses
 from spendgate.api.paths import id_in_path, scope_in_path
 from spendgate.api.visibility import WriteVisibility
+from spendgate.control.service import ControlService
 from spendgate.domain.authority import Role
 from spendgate.domain.budgets import parse_budget
 from spendgate.domain.errors import InvalidInput
 from spendgate.domain.scopes import Scope, validate_id
-from spendgate.records import TokenRecord
-from spendgate.store.repo import ControlRepo, public
+from spendgate.records import TokenRecord, public
 
 
 def _valid_id(value: str | None, field: str) -> str | None:
@@ -108,17 +108,17 @@ def _team_filter(team_id: str | None) -> str | None:
 
 
 def install_control_plane(
-    app: FastAPI, repo: ControlRepo, tokens: TokenCache, visibility: WriteVisibility | None = None
+    app: FastAPI, control: ControlService, tokens: TokenCache, visibility: WriteVisibility | None = None
 ) -> None:
-    """Mount the control plane on ``app``; the token cache follows the tokens ``repo`` mints and
+    """Mount the control plane on ``app``; the token cache follows the tokens ``control`` mints and
     revokes at once (not only through ``spend.config``)."""
 
     def on_change(key: str, record: object) -> None:
         if key.startswith("token/") and (record is None or isinstance(record, TokenRecord)):
             tokens.apply(record, unquote(key.removeprefix("token/")))
 
-    repo.subscribe(on_change)
-    app.state.repo, app.state.tokens, app.state.visibility = repo, tokens, visibility
+    control.subscribe(on_change)
+    app.state.control, app.state.tokens, app.state.visibility = control, tokens, visibility
     app.include_router(router)
 
 
@@ -133,21 +133,23 @@ router = APIRouter(
 
 @router.post("/tokens", status_code=201, summary="Mint a token (admin); shown once")
 async def mint_token(
-    body: TokenCreate, caller: Caller, repo: Repo, writes: Written, response: Response
+    body: TokenCreate, caller: Caller, control: Control, writes: Written, response: Response
 ) -> dict[str, Any]:
-    issued, record = await repo.mint_token(caller, body.role, body.team_id)
+    issued, record = await control.mint_token(caller, body.role, body.team_id)
     await writes.visible(response, record.version)
     return {"token": issued.token, **(public(record) or {})}
 
 
 @router.get("/tokens", summary="List tokens (admin; never the token or its hash)")
-async def list_tokens(caller: Caller, repo: Repo, limit: Limit = 100, after: After = None) -> dict[str, Any]:
-    return (await repo.list_tokens(caller, limit=limit, after=_cursor(after))).to_json()
+async def list_tokens(
+    caller: Caller, control: Control, limit: Limit = 100, after: After = None
+) -> dict[str, Any]:
+    return (await control.list_tokens(caller, limit=limit, after=_cursor(after))).to_json()
 
 
 @router.delete("/tokens/{token_id}", status_code=204, summary="Revoke a token (idempotent)")
-async def revoke_token(token_id: str, caller: Caller, repo: Repo, writes: Written) -> Response:
-    record = await repo.revoke_token(caller, validate_id(token_id, field="token_id"))
+async def revoke_token(token_id: str, caller: Caller, control: Control, writes: Written) -> Response:
+    record = await control.revoke_token(caller, validate_id(token_id, field="token_id"))
     return await writes.deleted(record.version)
 
 
@@ -156,26 +158,33 @@ async def revoke_token(token_id: str, caller: Caller, repo: Repo, writes: Writte
 
 @router.put("/orgs/{org_id}", summary="Create an org (idempotent)")
 async def put_org(
-    org_id: str, caller: Caller, repo: Repo, writes: Written, response: Response, body: OrgBody | None = None
+    org_id: str,
+    caller: Caller,
+    control: Control,
+    writes: Written,
+    response: Response,
+    body: OrgBody | None = None,
 ) -> dict[str, Any]:
-    record = await repo.put_org(caller, validate_id(org_id, field="org_id"))
+    record = await control.put_org(caller, validate_id(org_id, field="org_id"))
     await writes.visible(response, record.version)
     return public(record) or {}
 
 
 @router.get("/orgs/{org_id}")
-async def get_org(org_id: str, caller: Caller, repo: Repo) -> dict[str, Any]:
-    return public(await repo.get_org(caller, validate_id(org_id, field="org_id"))) or {}
+async def get_org(org_id: str, caller: Caller, control: Control) -> dict[str, Any]:
+    return public(await control.get_org(caller, validate_id(org_id, field="org_id"))) or {}
 
 
 @router.delete("/orgs/{org_id}", status_code=204, summary="Delete an org (409 while it has teams)")
-async def delete_org(org_id: str, caller: Caller, repo: Repo, writes: Written) -> Response:
-    return await writes.deleted(await repo.delete_org(caller, validate_id(org_id, field="org_id")))
+async def delete_org(org_id: str, caller: Caller, control: Control, writes: Written) -> Response:
+    return await writes.deleted(await control.delete_org(caller, validate_id(org_id, field="org_id")))
 
 
 @router.get("/orgs")
-async def list_orgs(caller: Caller, repo: Repo, limit: Limit = 100, after: After = None) -> dict[str, Any]:
-    return (await repo.list_orgs(caller, limit=limit, after=_cursor(after))).to_json()
+async def list_orgs(
+    caller: Caller, control: Control, limit: Limit = 100, after: After = None
+) -> dict[str, Any]:
+    return (await control.list_orgs(caller, limit=limit, after=_cursor(after))).to_json()
 
 
 # --- teams and members -----------------------------------------------------------------------
@@ -185,32 +194,34 @@ async def list_orgs(caller: Caller, repo: Repo, limit: Limit = 100, after: After
 async def put_team(
     team_id: str,
     caller: Caller,
-    repo: Repo,
+    control: Control,
     writes: Written,
     response: Response,
     body: TeamBody | None = None,
 ) -> dict[str, Any]:
     org_id = body.org_id if body else None
-    record = await repo.put_team(caller, validate_id(team_id, field="team_id"), org_id)
+    record = await control.put_team(caller, validate_id(team_id, field="team_id"), org_id)
     await writes.visible(response, record.version)
     return public(record) or {}
 
 
 @router.get("/teams/{team_id}")
-async def get_team(team_id: str, caller: Caller, repo: Repo) -> dict[str, Any]:
-    return public(await repo.get_team(caller, validate_id(team_id, field="team_id"))) or {}
+async def get_team(team_id: str, caller: Caller, control: Control) -> dict[str, Any]:
+    return public(await control.get_team(caller, validate_id(team_id, field="team_id"))) or {}
 
 
 @router.delete(
     "/teams/{team_id}", status_code=204, summary="Delete a team (409 while it has keys or members)"
 )
-async def delete_team(team_id: str, caller: Caller, repo: Repo, writes: Written) -> Response:
-    return await writes.deleted(await repo.delete_team(caller, validate_id(team_id, field="team_id")))
+async def delete_team(team_id: str, caller: Caller, control: Control, writes: Written) -> Response:
+    return await writes.deleted(await control.delete_team(caller, validate_id(team_id, field="team_id")))
 
 
 @router.get("/teams")
-async def list_teams(caller: Caller, repo: Repo, limit: Limit = 100, after: After = None) -> dict[str, Any]:
-    return (await repo.list_teams(caller, limit=limit, after=_cursor(after))).to_json()
+async def list_teams(
+    caller: Caller, control: Control, limit: Limit = 100, after: After = None
+) -> dict[str, Any]:
+    return (await control.list_teams(caller, limit=limit, after=_cursor(after))).to_json()
 
 
 @router.put("/teams/{team_id}/members/{user_id}", summary="Add a member (idempotent)")
@@ -218,12 +229,12 @@ async def put_member(
     team_id: str,
     user_id: str,
     caller: Caller,
-    repo: Repo,
+    control: Control,
     writes: Written,
     response: Response,
     body: MemberBody | None = None,
 ) -> dict[str, Any]:
-    record = await repo.put_member(
+    record = await control.put_member(
         caller, validate_id(team_id, field="team_id"), validate_id(user_id, field="user_id")
     )
     await writes.visible(response, record.version)
@@ -231,16 +242,18 @@ async def put_member(
 
 
 @router.get("/teams/{team_id}/members/{user_id}")
-async def get_member(team_id: str, user_id: str, caller: Caller, repo: Repo) -> dict[str, Any]:
-    record = await repo.get_member(
+async def get_member(team_id: str, user_id: str, caller: Caller, control: Control) -> dict[str, Any]:
+    record = await control.get_member(
         caller, validate_id(team_id, field="team_id"), validate_id(user_id, field="user_id")
     )
     return public(record) or {}
 
 
 @router.delete("/teams/{team_id}/members/{user_id}", status_code=204)
-async def delete_member(team_id: str, user_id: str, caller: Caller, repo: Repo, writes: Written) -> Response:
-    version = await repo.delete_member(
+async def delete_member(
+    team_id: str, user_id: str, caller: Caller, control: Control, writes: Written
+) -> Response:
+    version = await control.delete_member(
         caller, validate_id(team_id, field="team_id"), validate_id(user_id, field="user_id")
     )
     return await writes.deleted(version)
@@ -248,9 +261,9 @@ async def delete_member(team_id: str, user_id: str, caller: Caller, repo: Repo, 
 
 @router.get("/teams/{team_id}/members")
 async def list_members(
-    team_id: str, caller: Caller, repo: Repo, limit: Limit = 100, after: After = None
+    team_id: str, caller: Caller, control: Control, limit: Limit = 100, after: After = None
 ) -> dict[str, Any]:
-    page = await repo.list_members(
+    page = await control.list_members(
         caller, validate_id(team_id, field="team_id"), limit=limit, after=_cursor(after)
     )
     return page.to_json()
@@ -264,32 +277,34 @@ async def put_key(
     request: Request,
     key_id: str,
     caller: Caller,
-    repo: Repo,
+    control: Control,
     writes: Written,
     response: Response,
     body: KeyBody | None = None,
 ) -> dict[str, Any]:
     body = body or KeyBody()
-    record = await repo.put_key(caller, _key_id_of(request), body.user_id, body.team_id)
+    record = await control.put_key(caller, _key_id_of(request), body.user_id, body.team_id)
     await writes.visible(response, record.version)
     return public(record) or {}
 
 
 @router.get("/keys/{key_id:path}")
-async def get_key(request: Request, key_id: str, caller: Caller, repo: Repo) -> dict[str, Any]:
-    return public(await repo.get_key(caller, _key_id_of(request))) or {}
+async def get_key(request: Request, key_id: str, caller: Caller, control: Control) -> dict[str, Any]:
+    return public(await control.get_key(caller, _key_id_of(request))) or {}
 
 
 @router.delete("/keys/{key_id:path}", status_code=204)
-async def delete_key(request: Request, key_id: str, caller: Caller, repo: Repo, writes: Written) -> Response:
-    return await writes.deleted(await repo.delete_key(caller, _key_id_of(request)))
+async def delete_key(
+    request: Request, key_id: str, caller: Caller, control: Control, writes: Written
+) -> Response:
+    return await writes.deleted(await control.delete_key(caller, _key_id_of(request)))
 
 
 @router.get("/keys", summary="List keys (all, or of one team with ?team_id=)")
 async def list_keys(
-    caller: Caller, repo: Repo, team_id: str | None = None, limit: Limit = 100, after: After = None
+    caller: Caller, control: Control, team_id: str | None = None, limit: Limit = 100, after: After = None
 ) -> dict[str, Any]:
-    page = await repo.list_keys(caller, team_id=_team_filter(team_id), limit=limit, after=_cursor(after))
+    page = await control.list_keys(caller, team_id=_team_filter(team_id), limit=limit, after=_cursor(after))
     return page.to_json()
 
 
@@ -301,35 +316,37 @@ async def put_budget(
     request: Request,
     scope: str,
     caller: Caller,
-    repo: Repo,
+    control: Control,
     writes: Written,
     response: Response,
     body: Annotated[dict[str, Any], Body(examples=[BUDGET_EXAMPLE])],
 ) -> dict[str, Any]:
     parsed_scope = _scope_of(request)
     budget = parse_budget(body)
-    record = await repo.put_budget(caller, parsed_scope, budget, limits_null=body.get("limits") is None)
+    record = await control.put_budget(caller, parsed_scope, budget, limits_null=body.get("limits") is None)
     await writes.visible(response, record.version)
     return public(record) or {}
 
 
 @router.get("/budgets/{scope:path}")
-async def get_budget(request: Request, scope: str, caller: Caller, repo: Repo) -> dict[str, Any]:
-    return public(await repo.get_budget(caller, _scope_of(request))) or {}
+async def get_budget(request: Request, scope: str, caller: Caller, control: Control) -> dict[str, Any]:
+    return public(await control.get_budget(caller, _scope_of(request))) or {}
 
 
 @router.delete("/budgets/{scope:path}", status_code=204)
 async def delete_budget(
-    request: Request, scope: str, caller: Caller, repo: Repo, writes: Written
+    request: Request, scope: str, caller: Caller, control: Control, writes: Written
 ) -> Response:
-    return await writes.deleted(await repo.delete_budget(caller, _scope_of(request)))
+    return await writes.deleted(await control.delete_budget(caller, _scope_of(request)))
 
 
 @router.get("/budgets", summary="List budgets (all, or of one team's scopes with ?team_id=)")
 async def list_budgets(
-    caller: Caller, repo: Repo, team_id: str | None = None, limit: Limit = 100, after: After = None
+    caller: Caller, control: Control, team_id: str | None = None, limit: Limit = 100, after: After = None
 ) -> dict[str, Any]:
-    page = await repo.list_budgets(caller, team_id=_team_filter(team_id), limit=limit, after=_cursor(after))
+    page = await control.list_budgets(
+        caller, team_id=_team_filter(team_id), limit=limit, after=_cursor(after)
+    )
     return page.to_json()
 
 
@@ -338,6 +355,6 @@ async def list_budgets(
 
 @router.get("/audit", summary="The audit log, oldest first (admin)")
 async def list_audit(
-    caller: Caller, repo: Repo, limit: Limit = 100, after: Annotated[int | None, Query()] = None
+    caller: Caller, control: Control, limit: Limit = 100, after: Annotated[int | None, Query()] = None
 ) -> dict[str, Any]:
-    return (await repo.list_audit(caller, limit=limit, after=after)).to_json()
+    return (await control.list_audit(caller, limit=limit, after=after)).to_json()

@@ -12,8 +12,8 @@ from fastapi import Depends, Query, Request, Response
 
 from spendgate.api.auth import principal_of
 from spendgate.api.visibility import WriteVisibility
+from spendgate.control.service import ControlService
 from spendgate.domain.authority import Principal
-from spendgate.store.repo import ControlRepo
 
 VERSION_HEADER = "Spendgate-Version"
 
@@ -22,9 +22,9 @@ async def _caller(request: Request) -> Principal:
     return principal_of(request, request.app.state.tokens)
 
 
-def _repo(request: Request) -> ControlRepo:
-    repo: ControlRepo = request.app.state.repo
-    return repo
+def _control(request: Request) -> ControlService:
+    control: ControlService = request.app.state.control
+    return control
 
 
 class Writes:
@@ -50,7 +50,7 @@ def _writes(request: Request) -> Writes:
 
 
 Caller = Annotated[Principal, Depends(_caller)]
-Repo = Annotated[ControlRepo, Depends(_repo)]
+Control = Annotated[ControlService, Depends(_control)]
 Written = Annotated[Writes, Depends(_writes)]
 Limit = Annotated[int, Query(ge=1, le=1000, description="page size")]
 After = Annotated[str | None, Query(description="the `next` cursor of the previous page")]

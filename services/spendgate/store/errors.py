@@ -1,6 +1,6 @@
 """The store's own failures: what a driver error means for the caller, never the driver's type.
 
-``store.repo.guard`` re-raises psycopg's exceptions as these (or as the rule failures of
+``store.pool.guard`` re-raises psycopg's exceptions as these (or as the rule failures of
 ``domain.errors`` for a lost race or a value Postgres refuses); ``api.errors`` maps them to 503
 and 500.
 """

@@ -6,7 +6,7 @@ a time (the others stand by and take over within one poll when it dies). One cyc
    process holds it;
 2. on the first cycle of this process, and then every ``empty_check_s`` if the config topic is
    empty (a fresh broker; judged by the high watermark of a Fetch, since Tansu's ListOffsets
-   under-reports), produce the full current state (``repo.snapshot``) with the current
+   under-reports), produce the full current state (``store.control.snapshot``) with the current
    versions, so readers converge on Postgres even after a partially lost topic;
 3. read up to ``batch_size`` unsent outbox rows in id order, produce each (key = the row's
    ``topic_key``, value = its JSON exactly as committed, ``None`` for a delete) and wait for the
@@ -30,7 +30,8 @@ from aiokafka.errors import KafkaError
 from psycopg_pool import AsyncConnectionPool
 
 from spendgate.adapters.kafka import fetch_high_watermarks, idempotence_supported, security_for
-from spendgate.store.repo import guard, snapshot
+from spendgate.store.control import snapshot
+from spendgate.store.pool import guard
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ Every change still runs in one transaction with its audit row (``action`` ``put_
 ``delete_webhook``, ``target`` ``webhook/{id}``, ``outbox_id`` NULL); the audit row and the
 API never hold the secret, only ``secret_set``.
 
-Driver exceptions leave as the API's errors (``store.repo.guard``): 503 when Postgres is down.
+Driver exceptions leave as the API's errors (``store.pool.guard``): 503 when Postgres is down.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from spendgate.domain.webhooks import (
 )
 from spendgate.domain.windows import rfc3339
 from spendgate.store.deadline import within
-from spendgate.store.repo import guard
+from spendgate.store.pool import guard
 
 Row = dict[str, Any]
 MAX_PAGE = 1000
