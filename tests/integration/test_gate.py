@@ -460,7 +460,7 @@ async def test_whole_app_tokens_and_budgets_flow_from_control_plane_to_gate(sett
 
 
 async def test_the_check_fast_path_answers_exactly_like_the_routed_app(settings_factory: Any) -> None:
-    from spendgate.api.gate import with_check_fast_path
+    from spendgate.api.check import with_check_fast_path
 
     settings = await settings_factory(database_url="", admin_token=ADMIN_TOKEN)
     await produce(settings, "config", [budget_record("key:kf", "10")])

@@ -32,18 +32,15 @@ from psycopg_pool import AsyncConnectionPool
 
 from spendgate.adapters import kafka
 from spendgate.adapters.follower import Handler, TopicFollower
+from spendgate.adapters.usage_producer import UsageProducer
+from spendgate.api import check, events, health, spend
 from spendgate.api.auth import TokenCache
+from spendgate.api.check import check_handler, check_route
 from spendgate.api.control import install_control_plane
 from spendgate.api.dashboard import Dashboard, dashboard_router, gate_health, history_handlers
 from spendgate.api.errors import install_error_handlers
-from spendgate.api.gate import (
-    Gate,
-    UsageProducer,
-    check_handler,
-    document_events_body,
-    gate_router,
-    health_router,
-)
+from spendgate.api.events import document_events_body
+from spendgate.api.gate_service import Gate
 from spendgate.api.holds import HoldAppender, Holds, holds_router
 from spendgate.api.limits import RequestGuard
 from spendgate.api.metrics import GateMetrics
@@ -177,12 +174,15 @@ def create_app(settings: Settings, *, follower: TopicFollower | None = None) -> 
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    app.include_router(health_router(gate, metrics))
+    app.include_router(health.router)
     dashboard = Dashboard(state, history, lambda: gate_health(gate), gate.clock)
     app.include_router(dashboard_router(dashboard, tokens))  # before /v1/spend/{scope}, which takes all
     app.include_router(ui_router())
     app.state.check_handler = check_handler(gate, tokens)  # also served ahead of the stack by `api`
-    app.include_router(gate_router(gate, tokens, producer, app.state.check_handler))
+    app.include_router(check_route(app.state.check_handler))
+    app.include_router(check.router)
+    app.include_router(events.router)
+    app.include_router(spend.router)
     app.include_router(holds_router(gate, holds, tokens))
     if pool is not None and control is not None:
         install_control_plane(app, control, tokens, visibility)

@@ -86,7 +86,7 @@ def history_handlers(state: GateState, history: SpendHistory) -> tuple[Handler, 
 
 
 def gate_health(gate: Any) -> dict[str, Any]:
-    """The gate's health at a glance (``api.gate.Gate``): caught up, state lag, degraded."""
+    """The gate's health at a glance (``api.gate_service.Gate``): caught up, state lag, degraded."""
     ready = bool(gate.follower.ready)
     lag = int(gate.lag_ms())
     return {

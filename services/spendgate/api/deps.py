@@ -10,16 +10,42 @@ from typing import Annotated
 
 from fastapi import Depends, Query, Request, Response
 
+from spendgate.adapters.usage_producer import UsageProducer
 from spendgate.api.auth import principal_of
+from spendgate.api.gate_service import Gate
 from spendgate.api.visibility import WriteVisibility
 from spendgate.control.service import ControlService
-from spendgate.domain.authority import Principal
+from spendgate.domain.authority import Action, GateTarget, Principal, authorize, require
 
 VERSION_HEADER = "Spendgate-Version"
 
 
 async def _caller(request: Request) -> Principal:
     return principal_of(request, request.app.state.tokens)
+
+
+async def _checker(request: Request) -> Principal:
+    """A caller allowed to check (gateway or admin)."""
+    caller = principal_of(request, request.app.state.tokens)
+    require(authorize(caller, Action.CHECK, GateTarget()))
+    return caller
+
+
+async def _ingester(request: Request) -> Principal:
+    """A caller allowed to send usage events and release holds (gateway or admin)."""
+    caller = principal_of(request, request.app.state.tokens)
+    require(authorize(caller, Action.INGEST, GateTarget()))
+    return caller
+
+
+def _gate(request: Request) -> Gate:
+    gate: Gate = request.app.state.gate
+    return gate
+
+
+def _producer(request: Request) -> UsageProducer:
+    producer: UsageProducer = request.app.state.producer
+    return producer
 
 
 def _control(request: Request) -> ControlService:
@@ -50,6 +76,10 @@ def _writes(request: Request) -> Writes:
 
 
 Caller = Annotated[Principal, Depends(_caller)]
+Checker = Annotated[Principal, Depends(_checker)]
+Ingester = Annotated[Principal, Depends(_ingester)]
+GateDep = Annotated[Gate, Depends(_gate)]
+Producer = Annotated[UsageProducer, Depends(_producer)]
 Control = Annotated[ControlService, Depends(_control)]
 Written = Annotated[Writes, Depends(_writes)]
 Limit = Annotated[int, Query(ge=1, le=1000, description="page size")]

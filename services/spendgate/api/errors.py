@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 # The rule and store failures are raised from api code too: one import for a route.
+from spendgate.adapters.errors import BrokerUnavailable as BrokerUnavailable
 from spendgate.domain.errors import Conflict as Conflict
 from spendgate.domain.errors import Failure, InvalidInput
 from spendgate.domain.errors import Forbidden as Forbidden
@@ -37,9 +38,10 @@ HTTP_STATUS: dict[type[Failure], int] = {
     Conflict: 409,
     Unprocessable: 422,
     DatabaseUnavailable: 503,
+    BrokerUnavailable: 503,
     StoreError: 500,
 }
-RETRY_AFTER: dict[type[Failure], str] = {DatabaseUnavailable: "1"}
+RETRY_AFTER: dict[type[Failure], str] = {DatabaseUnavailable: "1", BrokerUnavailable: "1"}
 
 
 class ApiError(Failure):

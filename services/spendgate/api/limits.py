@@ -28,9 +28,10 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import orjson
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from spendgate.api.errors import error_body
+from spendgate.api.errors import ApiError, error_body
 
 CONTROL_BODY_LIMIT = 64 * 1024
 """Control plane and ``/v1/check``: the largest valid body (64 tags of 256 characters) is ~17 KB."""
@@ -254,3 +255,20 @@ async def _answer(refused: Refused, scope: Scope, send: Send) -> None:
         headers.append((b"connection", b"close"))  # the rest of the body is not read
     await send({"type": "http.response.start", "status": refused.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class PayloadTooLarge(ApiError):
+    status, code = 413, "payload_too_large"
+
+
+async def read_capped(request: Request, limit: int) -> bytes:
+    """The body of a request no ``RequestGuard`` read, or ``PayloadTooLarge`` past ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body: larger than {limit} bytes", details={"field": "body"})
+    chunks = bytearray()
+    async for chunk in request.stream():
+        chunks.extend(chunk)
+        if len(chunks) > limit:
+            raise PayloadTooLarge(f"body: larger than {limit} bytes", details={"field": "body"})
+    return bytes(chunks)

@@ -16,7 +16,7 @@ def run(settings: Settings) -> None:
     import uvicorn
 
     from spendgate.api.app import create_app
-    from spendgate.api.gate import with_check_fast_path
+    from spendgate.api.check import with_check_fast_path
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
