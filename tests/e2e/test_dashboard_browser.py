@@ -36,7 +36,7 @@ from tests.dev_stack import dev_stack
 
 from spendgate.adapters.embedded import free_port
 from spendgate.api.app import create_app
-from spendgate.api.dashboard import history_handlers
+from spendgate.api.dashboard_model import history_handlers
 from spendgate.domain.gate_state import nanos as _nanos
 from spendgate.settings import Settings
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from spendgate.api.dashboard import OVERVIEW_TTL_S, STALE_ANSWER_S, Dashboard
+from spendgate.api.dashboard_model import OVERVIEW_TTL_S, STALE_ANSWER_S, Dashboard
 from spendgate.domain.gate_state import GateState
 from spendgate.domain.series import SpendHistory
 

@@ -34,10 +34,11 @@ from spendgate.adapters import kafka
 from spendgate.adapters.follower import Handler, TopicFollower
 from spendgate.adapters.usage_producer import UsageProducer
 from spendgate.api import check, events, health, spend
+from spendgate.api import dashboard as dashboard_routes
 from spendgate.api.auth import TokenCache
 from spendgate.api.check import check_handler, check_route
 from spendgate.api.control import install_control_plane
-from spendgate.api.dashboard import Dashboard, dashboard_router, gate_health, history_handlers
+from spendgate.api.dashboard_model import Dashboard, gate_health, history_handlers
 from spendgate.api.errors import install_error_handlers
 from spendgate.api.events import document_events_body
 from spendgate.api.gate_service import Gate
@@ -176,7 +177,7 @@ def create_app(settings: Settings, *, follower: TopicFollower | None = None) -> 
     app.openapi = openapi  # type: ignore[method-assign]
     app.include_router(health.router)
     dashboard = Dashboard(state, history, lambda: gate_health(gate), gate.clock)
-    app.include_router(dashboard_router(dashboard, tokens))  # before /v1/spend/{scope}, which takes all
+    app.include_router(dashboard_routes.router)  # before /v1/spend/{scope}, which takes all
     app.include_router(ui_router())
     app.state.check_handler = check_handler(gate, tokens)  # also served ahead of the stack by `api`
     app.include_router(check_route(app.state.check_handler))

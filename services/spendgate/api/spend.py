@@ -68,11 +68,12 @@ async def get_spend(request: Request, scope: str, caller: Caller, gate: GateDep)
     except InvalidInput as exc:
         raise Unprocessable(f"scope: {exc.reason}", details={"field": "scope"}) from None
     text = str(parsed)
-    _authorize_read(caller, parsed, gate.state)
+    authorize_read(caller, parsed, gate.state)
     return spend_view(text, gate.state, gate.clock())
 
 
-def _authorize_read(caller: Principal, scope: Scope, state: GateState) -> None:
+def authorize_read(caller: Principal, scope: Scope, state: GateState) -> None:
+    """May ``caller`` read ``scope``'s spend (a team admin: only its team's scopes)."""
     if caller.role is Role.GATEWAY:
         decision = authorize(caller, Action.CHECK, GateTarget())
     else:
