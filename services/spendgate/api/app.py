@@ -33,8 +33,9 @@ from psycopg_pool import AsyncConnectionPool
 from spendgate.adapters import kafka
 from spendgate.adapters.follower import Handler, TopicFollower
 from spendgate.adapters.usage_producer import UsageProducer
-from spendgate.api import check, events, health, spend
+from spendgate.api import check, events, health, spend, webhooks
 from spendgate.api import dashboard as dashboard_routes
+from spendgate.api import holds as holds_routes
 from spendgate.api.auth import TokenCache
 from spendgate.api.check import check_handler, check_route
 from spendgate.api.control import install_control_plane
@@ -42,12 +43,11 @@ from spendgate.api.dashboard_model import Dashboard, gate_health, history_handle
 from spendgate.api.errors import install_error_handlers
 from spendgate.api.events import document_events_body
 from spendgate.api.gate_service import Gate
-from spendgate.api.holds import HoldAppender, Holds, holds_router
+from spendgate.api.holds import HoldAppender, Holds
 from spendgate.api.limits import RequestGuard
 from spendgate.api.metrics import GateMetrics
 from spendgate.api.ui import ui_router
 from spendgate.api.visibility import WriteVisibility
-from spendgate.api.webhooks import webhooks_router
 from spendgate.control.service import ControlService
 from spendgate.domain.gate_state import GateState
 from spendgate.domain.series import SpendHistory
@@ -184,17 +184,20 @@ def create_app(settings: Settings, *, follower: TopicFollower | None = None) -> 
     app.include_router(check.router)
     app.include_router(events.router)
     app.include_router(spend.router)
-    app.include_router(holds_router(gate, holds, tokens))
+    app.include_router(holds_routes.router)
     if pool is not None and control is not None:
         install_control_plane(app, control, tokens, visibility)
         allow = [h.strip() for h in settings.webhook_allow_hosts.split(",") if h.strip()]
-        app.include_router(webhooks_router(WebhookStore(pool, timeout_s=control.timeout_s), tokens, allow))
+        app.state.webhooks = WebhookStore(pool, timeout_s=control.timeout_s)
+        app.state.webhook_allow_hosts = allow
+        app.include_router(webhooks.router)
     app.state.gate = gate
     app.state.dashboard = dashboard
     app.state.follower = the_follower
     app.state.tokens = tokens
     app.state.metrics = metrics
     app.state.producer = producer
+    app.state.holds = holds
     return app
 
 

@@ -39,12 +39,11 @@ from typing import Annotated, Any, Protocol
 import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
-from fastapi import APIRouter, Depends, Path, Query, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
-from spendgate.api.auth import TokenCache, gate_dependency
+from spendgate.api.deps import GateDep, Ingester
 from spendgate.api.errors import error_responses
 from spendgate.domain.attribution import scopes_for
-from spendgate.domain.authority import Action, Principal
 from spendgate.domain.check import ALLOWED, DEGRADED_OPEN, CheckRequest, CheckResult
 from spendgate.domain.gate_state import GateState
 from spendgate.domain.holds import DEFAULT_TTL_S, MAX_TTL_S, LocalHold, event_id_for
@@ -271,22 +270,26 @@ class Holds:
         await self.appender.close()
 
 
-def holds_router(gate: Judge, holds: Holds, tokens: TokenCache) -> APIRouter:
+router = APIRouter(prefix="/v1", tags=["gate"], responses=error_responses(400, 401, 403, 422, 503))
+
+
+def _holds(request: Request) -> Holds:
+    holds: Holds = request.app.state.holds
+    return holds
+
+
+@router.delete(
+    "/holds/{request_id:path}",  # a request id may hold "/" (sent encoded or not)
+    status_code=204,
+    summary="Release the hold of a request (idempotent; 204 whether or not one was held)",
+)
+async def delete_hold(
+    _: Ingester,
+    gate: GateDep,
+    holds: Annotated[Holds, Depends(_holds)],
+    request_id: Annotated[str, Path(min_length=1, max_length=256)],
+    key_id: Annotated[str, Query(min_length=1, max_length=256)],
+) -> Response:
     """``DELETE /v1/holds/{request_id}?key_id=…`` (gateway or admin, like ingesting events)."""
-    router = APIRouter(prefix="/v1", tags=["gate"], responses=error_responses(400, 401, 403, 422, 503))
-    Ingester = Annotated[Principal, Depends(gate_dependency(tokens, Action.INGEST))]
-
-    @router.delete(
-        "/holds/{request_id:path}",  # a request id may hold "/" (sent encoded or not)
-        status_code=204,
-        summary="Release the hold of a request (idempotent; 204 whether or not one was held)",
-    )
-    async def delete_hold(
-        _: Ingester,
-        request_id: Annotated[str, Path(min_length=1, max_length=256)],
-        key_id: Annotated[str, Query(min_length=1, max_length=256)],
-    ) -> Response:
-        await holds.release(gate, key_id, request_id)
-        return Response(status_code=204)
-
-    return router
+    await holds.release(gate, key_id, request_id)
+    return Response(status_code=204)

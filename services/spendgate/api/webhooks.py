@@ -6,16 +6,14 @@ cloud-metadata address is refused unless ``SPENDGATE_WEBHOOK_ALLOW_HOSTS`` lists
 notifier before every attempt (DNS may change in between).
 """
 
-from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from spendgate.adapters.dns import resolve
-from spendgate.api.auth import TokenCache, principal_dependency
+from spendgate.api.deps import Caller
 from spendgate.api.errors import Unprocessable, error_responses
-from spendgate.domain.authority import Principal
 from spendgate.domain.errors import InvalidInput
 from spendgate.domain.scopes import validate_id
 from spendgate.domain.webhooks import (
@@ -91,68 +89,77 @@ class WebhookBody(BaseModel):
         return v
 
 
-def webhooks_router(store: WebhookStore, tokens: TokenCache, allow_hosts: Sequence[str] = ()) -> APIRouter:
-    router = APIRouter(
-        prefix="/v1",
-        tags=["alert webhooks"],
-        responses=error_responses(400, 401, 403, 404, 413, 415, 422, 503),
+router = APIRouter(
+    prefix="/v1",
+    tags=["alert webhooks"],
+    responses=error_responses(400, 401, 403, 404, 413, 415, 422, 503),
+)
+
+
+def _store(request: Request) -> WebhookStore:
+    store: WebhookStore = request.app.state.webhooks
+    return store
+
+
+Store = Annotated[WebhookStore, Depends(_store)]
+
+
+def _webhook_id(value: str) -> str:
+    return validate_id(value, field="webhook_id")
+
+
+@router.put(
+    "/webhooks/{webhook_id}",
+    summary="Subscribe a URL to alerts (idempotent); a generated secret is shown once",
+)
+async def put_webhook(
+    request: Request, webhook_id: str, body: WebhookBody, caller: Caller, store: Store
+) -> dict[str, Any]:
+    wid = _webhook_id(webhook_id)
+    store.require_manager(caller)  # before any DNS lookup
+    host = url_host(body.url)
+    addresses = await resolve(host)
+    if addresses:  # one that does not resolve yet is checked again before every attempt
+        reason = refused_target(host, addresses, request.app.state.webhook_allow_hosts)
+        if reason is not None:
+            raise Unprocessable(
+                f"url: {reason}; not a webhook target (SPENDGATE_WEBHOOK_ALLOW_HOSTS allows it)",
+                details={"field": "url"},
+            )
+    spec = WebhookSpec(
+        url=body.url,
+        patterns=parse_patterns(body.scopes),
+        kinds=parse_kinds(body.kinds),
+        format=body.format,
+        secret=body.secret if "secret" in body.model_fields_set else UNSET,
     )
-    Caller = Annotated[Principal, Depends(principal_dependency(tokens))]
+    view, secret = await store.put(caller, wid, spec)
+    return {**view, **({"secret": secret} if secret is not None else {})}
 
-    def webhook_id_of(value: str) -> str:
-        return validate_id(value, field="webhook_id")
 
-    @router.put(
-        "/webhooks/{webhook_id}",
-        summary="Subscribe a URL to alerts (idempotent); a generated secret is shown once",
-    )
-    async def put_webhook(webhook_id: str, body: WebhookBody, caller: Caller) -> dict[str, Any]:
-        wid = webhook_id_of(webhook_id)
-        store.require_manager(caller)  # before any DNS lookup
-        host = url_host(body.url)
-        addresses = await resolve(host)
-        if addresses:  # one that does not resolve yet is checked again before every attempt
-            reason = refused_target(host, addresses, allow_hosts)
-            if reason is not None:
-                raise Unprocessable(
-                    f"url: {reason}; not a webhook target (SPENDGATE_WEBHOOK_ALLOW_HOSTS allows it)",
-                    details={"field": "url"},
-                )
-        spec = WebhookSpec(
-            url=body.url,
-            patterns=parse_patterns(body.scopes),
-            kinds=parse_kinds(body.kinds),
-            format=body.format,
-            secret=body.secret if "secret" in body.model_fields_set else UNSET,
-        )
-        view, secret = await store.put(caller, wid, spec)
-        return {**view, **({"secret": secret} if secret is not None else {})}
+@router.get("/webhooks/{webhook_id}", summary="A webhook (never its secret)")
+async def get_webhook(webhook_id: str, caller: Caller, store: Store) -> dict[str, Any]:
+    return await store.get(caller, _webhook_id(webhook_id))
 
-    @router.get("/webhooks/{webhook_id}", summary="A webhook (never its secret)")
-    async def get_webhook(webhook_id: str, caller: Caller) -> dict[str, Any]:
-        return await store.get(caller, webhook_id_of(webhook_id))
 
-    @router.delete(
-        "/webhooks/{webhook_id}", status_code=204, summary="Unsubscribe (pending deliveries dropped)"
-    )
-    async def delete_webhook(webhook_id: str, caller: Caller) -> Response:
-        await store.delete(caller, webhook_id_of(webhook_id))
-        return Response(status_code=204)
+@router.delete("/webhooks/{webhook_id}", status_code=204, summary="Unsubscribe (pending deliveries dropped)")
+async def delete_webhook(webhook_id: str, caller: Caller, store: Store) -> Response:
+    await store.delete(caller, _webhook_id(webhook_id))
+    return Response(status_code=204)
 
-    @router.get("/webhooks", summary="List webhooks (a team admin: those inside its team)")
-    async def list_webhooks(
-        caller: Caller,
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        after: Annotated[str | None, Query()] = None,
-    ) -> dict[str, Any]:
-        return await store.list_webhooks(
-            caller, limit=limit, after=None if after is None else webhook_id_of(after)
-        )
 
-    @router.get("/webhooks/{webhook_id}/deliveries", summary="Recent deliveries, newest first")
-    async def list_deliveries(
-        webhook_id: str, caller: Caller, limit: Annotated[int, Query(ge=1, le=1000)] = 50
-    ) -> dict[str, Any]:
-        return await store.deliveries(caller, webhook_id_of(webhook_id), limit=limit)
+@router.get("/webhooks", summary="List webhooks (a team admin: those inside its team)")
+async def list_webhooks(
+    caller: Caller,
+    store: Store,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: Annotated[str | None, Query()] = None,
+) -> dict[str, Any]:
+    return await store.list_webhooks(caller, limit=limit, after=None if after is None else _webhook_id(after))
 
-    return router
+
+@router.get("/webhooks/{webhook_id}/deliveries", summary="Recent deliveries, newest first")
+async def list_deliveries(
+    webhook_id: str, caller: Caller, store: Store, limit: Annotated[int, Query(ge=1, le=1000)] = 50
+) -> dict[str, Any]:
+    return await store.deliveries(caller, _webhook_id(webhook_id), limit=limit)
