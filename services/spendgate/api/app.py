@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
@@ -74,8 +76,46 @@ def config_handler(state: GateState, tokens: TokenCache) -> Handler:
     return apply
 
 
+@dataclass
+class _Parts:
+    """Everything the API runs, built without I/O; the lifespan starts and stops it."""
+
+    settings: Settings
+    metrics: GateMetrics
+    tokens: TokenCache
+    state: GateState
+    follower: TopicFollower
+    gate: Gate
+    producer: UsageProducer
+    holds: Holds
+    probe: kafka.HighWatermarkProbe
+    dashboard: Dashboard
+    pool: AsyncConnectionPool | None = None
+    control: ControlService | None = None
+    relay: OutboxRelay | None = None
+    visibility: WriteVisibility | None = None
+
+
 def create_app(settings: Settings, *, follower: TopicFollower | None = None) -> FastAPI:
     """The whole API (gate + control plane + health). ``follower`` may be injected by tests."""
+    parts = _gate_parts(settings, follower)
+    if settings.database_url:
+        _add_control_plane(parts, settings.database_url)
+    app = FastAPI(
+        title="spendgate",
+        version="1",
+        summary="Spend accounting and budget enforcement for LLM and API gateways",
+        lifespan=_lifespan(parts),
+    )
+    install_error_handlers(app)
+    app.add_middleware(RequestGuard, authenticate=parts.tokens.authenticate)  # auth and caps before bodies
+    app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]
+    _mount(app, parts)
+    return app
+
+
+def _gate_parts(settings: Settings, follower: TopicFollower | None) -> _Parts:
+    """The gate side: state, the follower feeding it, the check service, producers, dashboard."""
     metrics = GateMetrics()
     tokens = TokenCache(settings.admin_token)
     state = GateState()
@@ -108,41 +148,46 @@ def create_app(settings: Settings, *, follower: TopicFollower | None = None) -> 
     )
     holds = Holds(HoldAppender(lambda: kafka.producer(settings), settings.topic("usage"), state), producer)
     gate.holds = holds
-
-    pool: AsyncConnectionPool | None = None
-    control: ControlService | None = None
-    relay: OutboxRelay | None = None
-    visibility: WriteVisibility | None = None
     probe = kafka.HighWatermarkProbe(settings.kafka_bootstrap, client_id="spendgate-api-watermarks")
-    if settings.database_url:
-        pool = unopened_pool(settings.database_url)
-        control = ControlService(  # key_activity: a fact for claiming keys
-            PostgresControlStore(pool),
-            key_activity=gate.key_activity,
-            timeout_s=settings.dependency_timeout_s,
-        )
-        relay = OutboxRelay(
-            pool,
-            bootstrap=settings.kafka_bootstrap,
-            topic=settings.topic("config"),
-            prepare=lambda: kafka.ensure_topics(settings),
-        )
-        control.subscribe(relay.wake)
-        if isinstance(the_follower, TopicFollower):
-            visibility = WriteVisibility(
-                relay, probe, the_follower, settings.topic("config"), settings.write_timeout_s
-            )
+    dashboard = Dashboard(state, history, lambda: gate_health(gate), gate.clock)
+    return _Parts(settings, metrics, tokens, state, the_follower, gate, producer, holds, probe, dashboard)
 
+
+def _add_control_plane(parts: _Parts, database_url: str) -> None:
+    """Postgres, the control service, the outbox relay and read-your-writes."""
+    settings = parts.settings
+    parts.pool = unopened_pool(database_url)
+    parts.control = ControlService(  # key_activity: a fact for claiming keys
+        PostgresControlStore(parts.pool),
+        key_activity=parts.gate.key_activity,
+        timeout_s=settings.dependency_timeout_s,
+    )
+    parts.relay = OutboxRelay(
+        parts.pool,
+        bootstrap=settings.kafka_bootstrap,
+        topic=settings.topic("config"),
+        prepare=lambda: kafka.ensure_topics(settings),
+    )
+    parts.control.subscribe(parts.relay.wake)
+    if isinstance(parts.follower, TopicFollower):
+        parts.visibility = WriteVisibility(
+            parts.relay, parts.probe, parts.follower, settings.topic("config"), settings.write_timeout_s
+        )
+
+
+def _lifespan(parts: _Parts) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         background: list[asyncio.Task[None]] = []
-        await the_follower.start()
-        background.append(asyncio.create_task(_freeze_when_ready(the_follower), name="gc-freeze"))
-        background.append(asyncio.create_task(dashboard.warm(the_follower.wait_ready), name="dashboard-warm"))
-        if pool is not None and control is not None and relay is not None:
-            await pool.open(wait=False)
-            background.append(asyncio.create_task(_load_tokens(control, tokens), name="load-tokens"))
-            await relay.start()
+        await parts.follower.start()
+        background.append(asyncio.create_task(_freeze_when_ready(parts.follower), name="gc-freeze"))
+        warm = parts.dashboard.warm(parts.follower.wait_ready)
+        background.append(asyncio.create_task(warm, name="dashboard-warm"))
+        if parts.pool is not None and parts.control is not None and parts.relay is not None:
+            await parts.pool.open(wait=False)
+            load = _load_tokens(parts.control, parts.tokens)
+            background.append(asyncio.create_task(load, name="load-tokens"))
+            await parts.relay.start()
         try:
             yield
         finally:
@@ -150,55 +195,53 @@ def create_app(settings: Settings, *, follower: TopicFollower | None = None) -> 
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-            if relay is not None:
-                await relay.stop()
-            await probe.close()
-            await holds.close()
-            await producer.close()
-            await the_follower.stop()
-            if pool is not None:
-                await pool.close()
+            await _stop(parts)
 
-    app = FastAPI(
-        title="spendgate",
-        version="1",
-        summary="Spend accounting and budget enforcement for LLM and API gateways",
-        lifespan=lifespan,
-    )
-    install_error_handlers(app)
-    app.add_middleware(RequestGuard, authenticate=tokens.authenticate)  # auth and caps before bodies
+    return lifespan
 
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            spec = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
-            app.openapi_schema = document_events_body(spec)
-        return app.openapi_schema
 
-    app.openapi = openapi  # type: ignore[method-assign]
+async def _stop(parts: _Parts) -> None:
+    if parts.relay is not None:
+        await parts.relay.stop()
+    await parts.probe.close()
+    await parts.holds.close()
+    await parts.producer.close()
+    await parts.follower.stop()
+    if parts.pool is not None:
+        await parts.pool.close()
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    if app.openapi_schema is None:
+        spec = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        app.openapi_schema = document_events_body(spec)
+    return app.openapi_schema
+
+
+def _mount(app: FastAPI, parts: _Parts) -> None:
+    """The routes, in matching order, and what their dependencies read from ``app.state``."""
     app.include_router(health.router)
-    dashboard = Dashboard(state, history, lambda: gate_health(gate), gate.clock)
     app.include_router(dashboard_routes.router)  # before /v1/spend/{scope}, which takes all
     app.include_router(ui_router())
-    app.state.check_handler = check_handler(gate, tokens)  # also served ahead of the stack by `api`
+    app.state.check_handler = check_handler(parts.gate, parts.tokens)  # also served ahead of the stack
     app.include_router(check_route(app.state.check_handler))
     app.include_router(check.router)
     app.include_router(events.router)
     app.include_router(spend.router)
     app.include_router(holds_routes.router)
-    if pool is not None and control is not None:
-        install_control_plane(app, control, tokens, visibility)
-        allow = [h.strip() for h in settings.webhook_allow_hosts.split(",") if h.strip()]
-        app.state.webhooks = WebhookStore(pool, timeout_s=control.timeout_s)
+    if parts.pool is not None and parts.control is not None:
+        install_control_plane(app, parts.control, parts.tokens, parts.visibility)
+        allow = [h.strip() for h in parts.settings.webhook_allow_hosts.split(",") if h.strip()]
+        app.state.webhooks = WebhookStore(parts.pool, timeout_s=parts.control.timeout_s)
         app.state.webhook_allow_hosts = allow
         app.include_router(webhooks.router)
-    app.state.gate = gate
-    app.state.dashboard = dashboard
-    app.state.follower = the_follower
-    app.state.tokens = tokens
-    app.state.metrics = metrics
-    app.state.producer = producer
-    app.state.holds = holds
-    return app
+    app.state.gate = parts.gate
+    app.state.dashboard = parts.dashboard
+    app.state.follower = parts.follower
+    app.state.tokens = parts.tokens
+    app.state.metrics = parts.metrics
+    app.state.producer = parts.producer
+    app.state.holds = parts.holds
 
 
 async def _freeze_when_ready(follower: TopicFollower) -> None:
