@@ -21,7 +21,7 @@ from bench import data
 from bench.common import log, summary
 from bench.stack import Stack, rss_mib, wait_http
 from spendgate.adapters.embedded import free_port
-from spendgate.worker.app import partition_of
+from spendgate.accounting.ledgers import partition_of
 
 
 def api_cold_start(stack: Stack, prefix: str, reps: int) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from bench import data
 from bench.common import log, summary
 from bench.stack import PYTHON, Stack
 from spendgate.adapters.kafka import fetch_high_watermarks
-from spendgate.worker.app import partition_of
+from spendgate.accounting.ledgers import partition_of
 
 PREFIX = "rebal."
 PARTITIONS = 8

@@ -5,14 +5,15 @@ Nothing here touches Kafka; ``spendgate.replay`` reads the topics and feeds this
 
 Identical to the live worker by construction, not by imitation:
 
-1. Records go through the worker's own :func:`~spendgate.worker.ingest.plan_batch` (validation,
+1. Records go through the worker's own :func:`~spendgate.accounting.ingest.plan_batch` (validation,
    dead letters, dedupe by ``event_id`` -- first occurrence wins -- attribution, minute
    buckets), fed in offset order within each partition, with the worker's own ``SeenIds``
    index. Its clock is the records' broker timestamps, so an id is forgotten
    ``horizon_s`` after it was appended, where the worker forgets it that long after processing
    it (the same moment give or take the worker's lag).
-2. Its deltas are applied to :class:`~spendgate.domain.ledger.ScopeLedger` objects, so totals
-   and window sums are computed by the same code that feeds ``spend.state``. Cross-partition
+2. Its deltas are applied to :class:`~spendgate.domain.ledger.ScopeLedger` objects by stage B's
+   own :func:`~spendgate.accounting.ledgers.apply_deltas`, so totals and window sums are
+   computed by the same code that feeds ``spend.state``. Cross-partition
    interleaving does not change any sum.
 3. Blocked/unblocked moments come from :func:`~spendgate.domain.decide.decide` evaluated after
    every charged event in event-time (``occurred_at``) order, and at every window reset.
@@ -31,6 +32,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
+from spendgate.accounting.ingest import RawRecord, parse_usage, plan_batch
+from spendgate.accounting.ledgers import apply_deltas
+from spendgate.accounting.seen import SeenIds, plan_with_seen
 from spendgate.domain.attribution import scopes_for
 from spendgate.domain.budgets import NO_BUDGET, Budget, parse_budget
 from spendgate.domain.decide import ScopeStatus, decide
@@ -39,8 +43,6 @@ from spendgate.domain.ledger import ScopeLedger, WindowSpend
 from spendgate.domain.money import format_usd, parse_usd
 from spendgate.domain.registry import RegistryView
 from spendgate.domain.windows import WindowSpec, window_bounds
-from spendgate.worker.ingest import Delta, RawRecord, parse_usage, plan_batch
-from spendgate.worker.seen import SeenIds, plan_with_seen
 
 ScopeMatch = Callable[[str], bool]
 
@@ -145,7 +147,7 @@ class Rebuild:
             self.positions[record.partition] = max(self.positions.get(record.partition, 0), record.offset + 1)
         if not (self.budgets or self.filtered):
             self.events += plan.events
-            self._apply(plan.deltas)
+            apply_deltas(self.ledgers, plan.deltas)
             return
         dead = {(r.partition, r.offset) for r, _ in plan.dead_letters}
         kept: list[RawRecord] = []
@@ -169,20 +171,12 @@ class Rebuild:
                     )
         if not self.filtered:
             self.events += plan.events
-            self._apply(plan.deltas)
+            apply_deltas(self.ledgers, plan.deltas)
             return
         # Every kept record is new and unique: a second plan of just those gives their deltas.
         again = plan_batch(kept, seen=lambda _id: None, progress={}, registry=self.registry, topic=self.topic)
         self.events += again.events
-        self._apply(again.deltas)
-
-    def _apply(self, deltas: Iterable[Delta]) -> None:
-        ledgers = self.ledgers
-        for delta in deltas:
-            ledger = ledgers.get(delta.scope)
-            if ledger is None:
-                ledger = ledgers[delta.scope] = ScopeLedger()
-            ledger.apply(delta.partition, delta.last, delta.minutes, delta.holds)
+        apply_deltas(self.ledgers, again.deltas)
 
 
 def rebuild(

@@ -45,6 +45,7 @@ import orjson
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
+from spendgate.accounting.ingest import RawRecord
 from spendgate.adapters.kafka import KafkaUnavailable, consumer, fetch_high_watermarks
 from spendgate.analysis import (
     Difference,
@@ -61,7 +62,6 @@ from spendgate.domain.gate_state import state_supersedes
 from spendgate.domain.money import format_usd
 from spendgate.domain.registry import RegistryView
 from spendgate.settings import Settings, SettingsError, settings_from_env
-from spendgate.worker.ingest import RawRecord
 
 EXIT_OK, EXIT_DIFF, EXIT_USAGE = 0, 1, 2
 FETCH_RECORDS = 10_000

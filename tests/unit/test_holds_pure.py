@@ -13,6 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_check import DAY_END, DAY_START, NOW, state_record, with_budget
 
+from spendgate.accounting.deltas import Delta, decode_bundle, encode_bundle
+from spendgate.accounting.ingest import RawRecord
+from spendgate.accounting.seen import SeenIds, plan_with_seen
 from spendgate.analysis import Rebuild, diff_live
 from spendgate.domain.check import CheckRequest, check
 from spendgate.domain.gate_state import GateState
@@ -31,8 +34,6 @@ from spendgate.domain.holds import (
 from spendgate.domain.ledger import HotRecord, ScopeLedger
 from spendgate.domain.money import NANOS_PER_USD
 from spendgate.domain.registry import RegistryView
-from spendgate.worker.ingest import Delta, RawRecord, decode_bundle, encode_bundle
-from spendgate.worker.seen import SeenIds, plan_with_seen
 
 TOPIC = "spend.usage"
 T0 = datetime(2026, 11, 23, 10, 0, 0, tzinfo=UTC).timestamp()

@@ -17,18 +17,19 @@ LAYERS: dict[str, int] = {
     "records": 1,  # the wire records, built on the domain's types
     "settings": 1,
     "background": 1,
-    "adapters": 2,  # Kafka, the embedded broker and Postgres, DNS
-    "store": 3,  # Postgres: control plane, outbox (which produces through adapters), webhooks
-    "control": 4,  # the control plane's rules over a unit of work (no SQL, no HTTP)
-    "api": 5,
-    "worker": 5,
-    "notifier": 5,
-    "client": 5,
-    "analysis": 6,  # replay's engine
-    "dev": 6,
-    "integrations": 6,
-    "replay": 7,
-    "cli": 8,
+    "accounting": 2,  # dedupe, batch planning, applying deltas, publish formatting: pure
+    "adapters": 3,  # Kafka, the embedded broker and Postgres, DNS
+    "store": 4,  # Postgres: control plane, outbox (which produces through adapters), webhooks
+    "control": 5,  # the control plane's rules over a unit of work (no SQL, no HTTP)
+    "api": 6,
+    "worker": 6,  # Faust wiring around accounting
+    "notifier": 6,
+    "client": 6,
+    "analysis": 7,  # replay's engine
+    "dev": 7,
+    "integrations": 7,
+    "replay": 8,
+    "cli": 9,
 }
 ROOT = Path(spendgate.__file__).parent
 
@@ -71,3 +72,15 @@ def test_the_walk_sees_imports_inside_functions_too(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from spendgate.cli import app\n    import spendgate.api.errors\n")
     assert _imports(module) == {"cli", "api"}
+
+
+def test_accounting_is_pure_so_the_worker_and_replay_share_it() -> None:
+    """The worker and replay count with the same code only while it needs neither of them."""
+    io = {"worker", "api", "store", "adapters", "analysis", "replay", "cli"}
+    found = [
+        f"{path.relative_to(ROOT)} imports spendgate.{target}"
+        for path in sorted((ROOT / "accounting").rglob("*.py"))
+        for target in _imports(path) & io
+    ]
+    assert found == []
+    assert (ROOT / "accounting" / "ingest.py").exists()  # the walk above saw the package

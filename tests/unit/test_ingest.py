@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import orjson
 
+from spendgate.accounting.deltas import Delta
+from spendgate.accounting.ingest import RawRecord, plan_batch
 from spendgate.domain.ledger import ScopeLedger
 from spendgate.domain.registry import RegistryView
-from spendgate.worker.ingest import Delta, RawRecord, plan_batch
 
 TOPIC = "spend.usage"
 

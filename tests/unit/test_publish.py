@@ -2,17 +2,49 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
+from spendgate.accounting.publish import Publisher, wire_watermarks
 from spendgate.domain.budgets import parse_budget
+from spendgate.domain.decide import ScopeStatus
 from spendgate.domain.ledger import ScopeLedger, minute_charges
-from spendgate.records import Source
-from spendgate.worker.publish import Publisher, state_record
+from spendgate.domain.money import format_usd
+from spendgate.records import Source, State, StateWindow
 
 T0 = int(datetime(2026, 11, 23, 10, 0, tzinfo=UTC).timestamp())
 USD = 1_000_000_000
 SCOPE = "team:t1"
 HOURLY = parse_budget({"limits": [{"window": "1h", "max_usd": "10", "soft_usd": "8"}]})
+
+
+def _ts(instant: int | float | None) -> datetime | None:
+    return None if instant is None else datetime.fromtimestamp(instant, UTC)
+
+
+def state_record(
+    scope: str,
+    status: ScopeStatus,
+    now: float,
+    source: Source | None,
+    watermarks: Mapping[int, int] | None = None,
+) -> State:
+    """The ``spend.state`` record as the pydantic model builds it: the oracle for ``state_json``."""
+    return State(
+        scope=scope,
+        as_of=_ts(now),  # type: ignore[arg-type]
+        source=source,
+        watermarks=None if watermarks is None else wire_watermarks(watermarks),
+        windows=[
+            StateWindow(
+                window=w.window,
+                start=_ts(w.start),
+                resets_at=_ts(w.resets_at),
+                spend_usd=format_usd(w.spend),  # type: ignore[arg-type]
+            )
+            for w in status.windows
+        ],
+    )
 
 
 def spend(ledger: ScopeLedger, offset: int, usd: int, at: int = T0) -> None:
@@ -93,7 +125,7 @@ def test_state_record_lists_budget_windows_plus_total() -> None:
 def test_fast_state_json_equals_the_state_record_model() -> None:
     import orjson
 
-    from spendgate.worker.publish import state_json
+    from spendgate.accounting.publish import state_json
 
     ledger = ScopeLedger()
     spend(ledger, 0, 3)
@@ -107,7 +139,7 @@ def test_fast_state_json_equals_the_state_record_model() -> None:
 def test_decisions_and_state_carry_the_ledger_watermarks() -> None:
     import orjson
 
-    from spendgate.worker.publish import state_json
+    from spendgate.accounting.publish import state_json
 
     ledger = ScopeLedger()
     spend(ledger, 4, 3)

@@ -9,6 +9,7 @@ import orjson
 import pytest
 from tests.factories import budget, config_record, usage_event_body
 
+from spendgate.accounting.ingest import RawRecord
 from spendgate.analysis import (
     Rebuild,
     diff_live,
@@ -21,7 +22,6 @@ from spendgate.analysis import (
 from spendgate.domain.money import parse_usd
 from spendgate.domain.registry import RegistryView
 from spendgate.replay import AsOf, UsageError, parse_as_of, parse_time
-from spendgate.worker.ingest import RawRecord
 
 EVERYTHING = scope_matcher(None)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from spendgate.accounting.seen import SeenIds
 from spendgate.settings import Settings
-from spendgate.worker.seen import SeenIds
 
 HOUR = 3600.0
 

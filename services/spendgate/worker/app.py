@@ -20,18 +20,21 @@ import heapq
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from functools import lru_cache
 from typing import Any, cast
 
 import faust
-from aiokafka.partitioner import murmur2
 from faust.tables.base import Collection
 from faust.types import TP
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from spendgate.accounting.deltas import Delta, decode_bundle, encode_bundle
+from spendgate.accounting.ingest import RawRecord
+from spendgate.accounting.ledgers import apply_deltas, partition_of
+from spendgate.accounting.publish import Publisher, state_json
+from spendgate.accounting.seen import SeenIds, plan_with_seen
 from spendgate.domain import holds as hold_ops
 from spendgate.domain.decide import decide
-from spendgate.domain.ledger import HOT, DayRecord, HotRecord, ScopeLedger
+from spendgate.domain.ledger import DayRecord, HotRecord, ScopeLedger
 from spendgate.domain.registry import ConfigChange, RegistryView
 from spendgate.records import Source
 from spendgate.settings import Settings
@@ -47,9 +50,6 @@ from spendgate.worker.faust_app import (
     send_many,
     write_in_partition,
 )
-from spendgate.worker.ingest import Delta, RawRecord, decode_bundle, encode_bundle
-from spendgate.worker.publish import Publisher, state_json
-from spendgate.worker.seen import SeenIds, plan_with_seen
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +57,6 @@ INGEST_BATCH = 5000
 INGEST_WITHIN_S = 0.1
 AGGREGATE_BATCH = 64
 AGGREGATE_WITHIN_S = 0.02
-
-
-def day_key(scope: str, day: int) -> str:
-    return f"{scope}@{day}"
-
-
-@lru_cache(maxsize=1_000_000)
-def partition_of(key: str, partitions: int) -> int:
-    """The partition Kafka's default partitioner gives ``key`` (murmur2, as the producers use)."""
-    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
 
 
 class Worker:
@@ -207,11 +197,15 @@ class Worker:
 
     # ---- stage B --------------------------------------------------------------------------
 
+    def _load_ledger(self, scope: str) -> ScopeLedger:
+        """A scope's ledger from the table (its hot record; day records load with the generation)."""
+        raw = get_in_partition(self.ledger_table, partition_of(scope, self.settings.partitions), scope)
+        return ScopeLedger(HotRecord.from_json(raw) if raw else None)
+
     def _ledger(self, scope: str) -> ScopeLedger:
         ledger = self.ledgers.get(scope)
         if ledger is None:
-            raw = get_in_partition(self.ledger_table, partition_of(scope, self.settings.partitions), scope)
-            ledger = self.ledgers[scope] = ScopeLedger(HotRecord.from_json(raw) if raw else None)
+            ledger = self.ledgers[scope] = self._load_ledger(scope)
         return ledger
 
     def _owns(self, scope: str, partitions: frozenset[int]) -> bool:
@@ -295,45 +289,31 @@ class Worker:
         return ready
 
     async def aggregate(self, events: Sequence[faust.EventT]) -> None:
+        """Stage B for one batch (module docstring): apply, persist, then decide and publish."""
         self.ensure_ledgers(recovered=True)
-        ledgers = self.ledgers
-        # each changed record is written once per batch, with its final value: a crash leaves
-        # every record at some state it really had, each with its own watermarks
-        changed: dict[int, dict[tuple[str, int], ScopeLedger]] = {}
-        exported: list[ScopeLedger] = []
-        touched: dict[str, tuple[int, int]] = {}
-        applied = 0
+        ledgers = self.ledgers  # this generation's, even if a rebalance replaces them meanwhile
+        by_partition: dict[int, list[Delta]] = {}
+        for event in events:
+            by_partition.setdefault(event.message.partition, []).extend(
+                decode_bundle(event.message.value or b"[]")
+            )
+        # one Applied per worker.deltas partition: its records go to that changelog partition
+        groups = {
+            q: apply_deltas(ledgers, deltas, self._load_ledger) for q, deltas in by_partition.items()
+        }
+        touched = {scope: at for group in groups.values() for scope, at in group.touched.items()}
+        self.unflushed = set(touched)  # until the acks (see tick); nothing awaited before
         try:
-            for event in events:
-                dirty_in = changed.setdefault(event.message.partition, {})
-                for delta in decode_bundle(event.message.value or b"[]"):
-                    scope = delta.scope
-                    ledger = ledgers.get(scope) or self._ledger(scope)
-                    dirty = ledger.apply(delta.partition, delta.last, delta.minutes, delta.holds)
-                    for record_id in dirty:
-                        dirty_in[scope, record_id] = ledger
-                    if len(dirty) > 1 or (dirty and dirty[0] != HOT):
-                        exported.append(ledger)
-                    applied += 1
-                    touched[scope] = (delta.partition, delta.last)
-            self.unflushed = set(touched)  # until the acks (see tick); nothing awaited before
-            writes = {
-                q: [
-                    (scope, ledger.hot.to_json())
-                    if record_id == HOT
-                    else (day_key(scope, record_id), ledger.days[record_id].to_json())
-                    for (scope, record_id), ledger in dirty_in.items()
-                ]
-                for q, dirty_in in changed.items()
-            }
             futures = [
                 f
-                for q, items in writes.items()
-                for f in await write_in_partition(self.ledger_table, q, items)
+                for q, group in groups.items()
+                for f in await write_in_partition(self.ledger_table, q, group.writes())
             ]
             await flush(self.app, futures)
         finally:
             self.unflushed = set()
+        exported = [ledger for group in groups.values() for ledger in group.exported]
+        applied = sum(group.applied for group in groups.values())
         for ledger in exported:  # their day records are durable now
             ledger.settle()
         metrics.DELTAS.labels(stage="applied").inc(applied)
@@ -525,4 +505,3 @@ def build(settings: Settings) -> tuple[faust.App, Worker]:
         await worker.tick()
 
     return app, worker
-

@@ -23,7 +23,7 @@ import orjson
 from spendgate.domain.budgets import Budget
 from spendgate.domain.decide import ScopeStatus, SpendSource, decide
 from spendgate.domain.money import format_usd
-from spendgate.records import Alert, Decision, DecisionWindow, Source, State, StateWindow
+from spendgate.records import Alert, Decision, DecisionWindow, Source
 
 
 def _ts(instant: int | float | None) -> datetime | None:
@@ -125,31 +125,6 @@ def wire_watermarks(watermarks: Mapping[int, int]) -> dict[str, int]:
     return {str(p): o for p, o in watermarks.items()}
 
 
-def state_record(
-    scope: str,
-    status: ScopeStatus,
-    now: float,
-    source: Source | None,
-    watermarks: Mapping[int, int] | None = None,
-) -> State:
-    """The ``spend.state`` record of a scope: every window of its budget plus ``total``."""
-    return State(
-        scope=scope,
-        as_of=_ts(now),  # type: ignore[arg-type]
-        source=source,
-        watermarks=None if watermarks is None else wire_watermarks(watermarks),
-        windows=[
-            StateWindow(
-                window=w.window,
-                start=_ts(w.start),
-                resets_at=_ts(w.resets_at),
-                spend_usd=format_usd(w.spend),  # type: ignore[arg-type]
-            )
-            for w in status.windows
-        ],
-    )
-
-
 def _iso(instant: int | float | None) -> str | None:
     ts = _ts(instant)
     return None if ts is None else ts.isoformat().replace("+00:00", "Z")
@@ -164,7 +139,8 @@ def state_json(
     reserved: int = 0,
     holds_expire_at: float | None = None,
 ) -> bytes:
-    """``state_record(...)`` serialized without building the model: the tick emits thousands.
+    """The ``spend.state`` record of a scope (``records.State``: every window of its budget plus
+    ``total``), serialized without building the model: the tick emits thousands.
 
     ``reserved``: nano-dollars held at ``now`` by the scope's outstanding holds, shown in every
     window (a hold is for a call running now, whichever window its cost lands in);

@@ -16,9 +16,9 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from spendgate.accounting.ingest import BatchPlan, RawRecord, plan_batch
 from spendgate.domain.holds import HoldBook
 from spendgate.domain.registry import RegistryView
-from spendgate.worker.ingest import BatchPlan, RawRecord, plan_batch
 
 #: A ``seen`` table write: ``(key, record)``, or ``(key, None)`` to delete an expired record.
 SeenWrite = tuple[str, dict[str, Any] | None]
