@@ -87,9 +87,7 @@ def check_kafka(bootstrap: str, timeout_s: float = 3.0) -> None:
         if reason is None:
             return
         reasons.append(f"{host}:{port}: {reason}")
-    raise PreflightError(
-        f"SPENDGATE_KAFKA_BOOTSTRAP={bootstrap} is unreachable ({'; '.join(reasons)})"
-    )
+    raise PreflightError(f"SPENDGATE_KAFKA_BOOTSTRAP={bootstrap} is unreachable ({'; '.join(reasons)})")
 
 
 def redact_url(url: str) -> str:
@@ -230,18 +228,56 @@ def notifier() -> None:
     _call(_load("spendgate.notifier", "run", "the notifier"), settings)
 
 
-@app.command(
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
-)
-def replay(ctx: typer.Context) -> None:
+@app.command()
+def replay(
+    from_: str = typer.Option(
+        "earliest", "--from", metavar="earliest|TIME", help="only events with occurred_at >= TIME (RFC 3339)"
+    ),
+    to: str | None = typer.Option(None, metavar="TIME", help="only events with occurred_at < TIME"),
+    scope: str | None = typer.Option(
+        None, metavar="PATTERN", help="only scopes matching this fnmatch pattern, e.g. 'team:*'"
+    ),
+    budgets: Path | None = typer.Option(
+        None,
+        metavar="FILE",
+        help="what-if: use these budgets ({scope: {limits, tz}}, YAML or JSON) instead of the live ones",
+    ),
+    report_format: str = typer.Option("table", "--format", help="table, csv or json"),
+    out: Path | None = typer.Option(None, metavar="PATH", help="write the report here instead of stdout"),
+    diff_live: bool = typer.Option(
+        False,
+        "--diff-live",
+        help="compare with the latest spend.state per scope; exit 1 listing every difference",
+    ),
+    as_of: str | None = typer.Option(
+        None,
+        metavar="OFFSETS|TIME",
+        help="only records before this log position: 'p:o,p:o' (exclusive) or a time",
+    ),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress output"),
+) -> None:
     """Rebuild spend and decisions from the usage topic, without touching live state.
 
-    Every option is parsed by spendgate.replay (`spendgate replay --help` lists them)."""
-    target = _load("spendgate.replay", "main", "replay")
-    wants_help = bool({"-h", "--help"} & set(ctx.args))
-    result = target(ctx.args, settings=None if wants_help else load_settings())
-    if isinstance(result, int):
-        raise typer.Exit(result)
+    Exit 0 when done (with --diff-live: no difference), 1 when differences were found (listed
+    on stderr), 2 on a usage error or an unreachable broker. Read-only: no consumer group, no
+    offset commit, nothing produced.
+    """
+    from spendgate.replay import ReplayOptions, ReportFormat, main_async
+
+    if report_format not in {f.value for f in ReportFormat}:
+        _fail(f"--format: must be table, csv or json, not {report_format!r}")
+    options = ReplayOptions(
+        from_=from_,
+        to=to,
+        scope=scope,
+        budgets=budgets,
+        format=ReportFormat(report_format),
+        out=out,
+        diff_live=diff_live,
+        as_of=as_of,
+        quiet=quiet,
+    )
+    raise typer.Exit(asyncio.run(main_async(options, settings=load_settings())))
 
 
 @app.command()

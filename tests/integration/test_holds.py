@@ -27,7 +27,7 @@ from tests.kafka_helpers import ServiceProcess, eventually, latest, produce
 from spendgate.adapters.embedded import free_port
 from spendgate.adapters.kafka import ensure_topics
 from spendgate.api.app import create_app
-from spendgate.replay import main_async
+from spendgate.replay import ReplayOptions, ReportFormat, main_async
 from spendgate.settings import Settings
 
 ADMIN_TOKEN = "holds-admin-" + uuid.uuid4().hex
@@ -352,14 +352,16 @@ async def test_replay_equals_live_over_the_log_with_holds(world: World) -> None:
 
     async def no_difference() -> None:
         out, err = io.StringIO(), io.StringIO()
-        code = await main_async(["--diff-live", "--quiet"], settings=world.settings, stdout=out, stderr=err)
+        code = await main_async(
+            ReplayOptions(diff_live=True, quiet=True), settings=world.settings, stdout=out, stderr=err
+        )
         assert code == 0, err.getvalue()
 
     await eventually(no_difference, timeout=60, interval=1)
     # The report shows what is held (r2; r1 was settled by its cost).
     out, err = io.StringIO(), io.StringIO()
     path = world.logs / "replay.json"
-    args = ["--scope", f"key:{key}", "--format", "json", "--out", str(path), "--quiet"]
+    args = ReplayOptions(scope=f"key:{key}", format=ReportFormat.JSON, out=path, quiet=True)
     assert await main_async(args, settings=world.settings, stdout=out, stderr=err) == 0, err.getvalue()
     [scope] = orjson.loads(path.read_bytes())["scopes"]
     assert [(w["window"], w["spend_usd"], w["reserved_usd"]) for w in scope["windows"]] == [

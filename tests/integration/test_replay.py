@@ -25,7 +25,7 @@ from tests.integration.test_worker import (
 )
 from tests.kafka_helpers import ServiceProcess, eventually, latest, produce, service_env
 
-from spendgate.replay import main_async
+from spendgate.replay import ReplayOptions, ReportFormat, main_async
 from spendgate.settings import Settings
 
 
@@ -93,7 +93,7 @@ async def test_replay_diff_live_equals_a_live_worker_and_names_a_tampered_scope(
         out, err = io.StringIO(), io.StringIO()
         report_path = tmp_path / "replay.json"
         code = await main_async(
-            ["--diff-live", "--format", "json", "--out", str(report_path)],
+            ReplayOptions(diff_live=True, format=ReportFormat.JSON, out=report_path),
             settings=settings,
             stdout=out,
             stderr=err,
@@ -142,7 +142,10 @@ async def test_replay_as_of_offsets_sees_only_the_records_before_them(settings_f
     await produce(settings, "usage", keyed(first) + keyed([event("k1", "10")]))
     out, err = io.StringIO(), io.StringIO()
     code = await main_async(
-        ["--as-of", "0:3", "--format", "csv", "--quiet"], settings=settings, stdout=out, stderr=err
+        ReplayOptions(as_of="0:3", format=ReportFormat.CSV, quiet=True),
+        settings=settings,
+        stdout=out,
+        stderr=err,
     )
     assert code == 0, err.getvalue()
     rows = {line.split(",")[0]: line.split(",") for line in out.getvalue().splitlines()[1:]}

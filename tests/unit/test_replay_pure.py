@@ -21,7 +21,7 @@ from spendgate.analysis import (
 )
 from spendgate.domain.money import parse_usd
 from spendgate.domain.registry import RegistryView
-from spendgate.replay import AsOf, UsageError, parse_as_of, parse_time
+from spendgate.replay.options import AsOf, UsageError, parse_as_of, parse_time
 
 EVERYTHING = scope_matcher(None)
 
@@ -274,3 +274,20 @@ def test_as_of_is_offsets_or_a_time() -> None:
     assert parse_time("2026-01-01T11:00:00+01:00", "--to") == ts("2026-01-01T10:00:00")
     with pytest.raises(UsageError, match="--to"):
         parse_time("yesterday", "--to")
+
+
+def test_replay_options_are_declared_in_the_cli_and_a_bad_one_exits_2() -> None:
+    from typer.testing import CliRunner
+
+    from spendgate.cli import app
+
+    runner = CliRunner()
+    help_text = runner.invoke(app, ["replay", "--help"]).output
+    for option in ("--from", "--to", "--scope", "--budgets", "--format", "--out", "--diff-live", "--as-of"):
+        assert option in help_text
+    bad_format = runner.invoke(app, ["replay", "--format", "xml"])
+    assert bad_format.exit_code == 2 and "--format: must be table, csv or json" in bad_format.output
+    backwards = runner.invoke(app, ["replay", "--from", "2026-02-01", "--to", "2026-01-01"])
+    assert backwards.exit_code == 2 and "--to must be after --from" in backwards.output
+    unknown = runner.invoke(app, ["replay", "--since", "yesterday"])
+    assert unknown.exit_code == 2
