@@ -1,6 +1,6 @@
 """Compaction is real on Apache Kafka: a gate that reads the compacted topics answers like one
 that saw every record, deletes (tombstones) included (``make test-kafka`` only; Tansu never
-compacts, BROKER-NOTES).
+compacts, docs/BROKER-NOTES.md).
 
 The topics get test-sized settings (segments roll after 300 ms, any dirty ratio is cleanable,
 no compaction lag, tombstones kept 500 ms) so the broker's cleaner (every second in the test

@@ -135,7 +135,8 @@ def test_team_admin_key_budget_above_team_limit_is_refused_naming_the_ceiling() 
 
 
 def test_ceiling_is_the_parent_team_budget_not_the_callers_token() -> None:
-    # A session-like principal carries no budget at all: only the team's budget can bind (seed 000).
+    # A session-like principal carries no budget at all: only the team's budget can bind
+    # (seed 000 in docs/FAILURE-MODES.md).
     team = budget(w1mo="1000")
     for amount in ("0.01", "100", "999.999999999", "1000"):
         target = BudgetTarget(Scope.parse("member:t1/alice"), budget(w1mo=amount))

@@ -6,7 +6,7 @@ partition (any API instance serves any scope; every worker needs the whole regis
 
 1. At start it takes the true end of every partition from the high watermark of a Fetch
    (``adapters.kafka.fetch_high_watermarks``; never ``end_offsets()``, which under-reports on
-   Tansu, see BROKER-NOTES) and seeks every partition to its beginning.
+   Tansu, see docs/BROKER-NOTES.md) and seeks every partition to its beginning.
 2. It is ``ready`` once every partition's position has reached that start-time end: everything
    present at start has been applied. Readiness never goes back to False.
 3. It then keeps following with a short fetch wait (``live_wait_ms``), so a new decision reaches

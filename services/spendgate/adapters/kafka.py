@@ -1,7 +1,7 @@
 """Kafka adapter: topic names and creation, client factories, the true end of a partition.
 
 Everything here must be correct on Apache Kafka and on the embedded Tansu broker
-(see shared/BROKER-NOTES.md):
+(see docs/BROKER-NOTES.md):
 
 - Tansu ignores compaction and auto-created topics get no config, so every topic is created
   explicitly, with its cleanup policy, by :func:`ensure_topics`.
@@ -227,7 +227,7 @@ def idempotence_supported(bootstrap: str) -> bool:
 async def probe_idempotence(bootstrap: str, *, timeout_s: float = 10.0) -> bool:
     """Whether the broker grants an idempotent producer id; cached per bootstrap.
 
-    Apache Kafka does; Tansu answers InitProducerId with UnknownError (BROKER-NOTES). A broker
+    Apache Kafka does; Tansu answers InitProducerId with UnknownError (docs/BROKER-NOTES.md). A broker
     that cannot be reached is not cached (asked again next time) and counts as False.
     """
     if bootstrap in _IDEMPOTENCE:

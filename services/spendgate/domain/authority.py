@@ -11,7 +11,7 @@ Rules:
   members of T, revoke (DELETE) keys of T, and set or remove budgets on ``key:K`` (K in T),
   ``member:T/U`` and ``key_model:K/M`` (K in T). Every limit it sets must be <= team T's limit
   for the same window when T's budget has one; the ceiling is always the parent team's budget,
-  never anything about the caller's own token (seed 000, docs/FAILURE-MODES.md). It may not
+  never anything about the caller's own token (seed 000 in docs/FAILURE-MODES.md). It may not
   mint or revoke tokens: a gateway token can ingest spend for any key and a viewer token can
   read every team, both beyond T's authority.
 - Registering a key (PUT) as ``team_admin`` of T, so that no constraint an admin set can be
