@@ -34,6 +34,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 
 import httpx
@@ -153,9 +154,7 @@ def _wait_ready(url: str, children: list[ManagedProcess], timeout_s: float) -> N
             except httpx.HTTPError:
                 pass
             if time.monotonic() >= deadline:
-                tails = "\n".join(
-                    f"--- {c.name} ({c.log_path}):\n{c.log_tail()}" for c in children
-                )
+                tails = "\n".join(f"--- {c.name} ({c.log_path}):\n{c.log_tail()}" for c in children)
                 raise DevError(f"{url} was not 200 within {timeout_s:.0f}s\n{tails}")
             time.sleep(0.25)
 
@@ -181,50 +180,16 @@ def run_dev(settings: Settings, *, keep_db: bool = False) -> int:
             ensure_port_free(settings.worker_web_port, "SPENDGATE_WORKER_WEB_PORT")
         except PortInUse as exc:
             raise DevError(str(exc), 2) from None
-        logs.mkdir(parents=True, exist_ok=True)
-        pgdata = data_dir / "pg"
-        if not keep_db and pgdata.exists():
-            shutil.rmtree(pgdata)
-
-        _echo(f"starting broker on 127.0.0.1:{settings.kafka_port} ...")
-        broker = start_broker(settings.kafka_port, logs / "broker.log")
-        started.append(_Service(broker.process))
-        _echo(f"starting postgres in {pgdata} ...")
-        pg_port = free_port()
-
-        def start_pg() -> ManagedProcess:
-            return start_postgres(pgdata, pg_port, logs / "postgres.log").process
-
-        pg = start_postgres(pgdata, pg_port, logs / "postgres.log")
-        started.append(_Service(pg.process, start_pg))
-        database_url = pg.create_database("spendgate")
-
-        live = settings.model_copy(
-            update={"kafka_bootstrap": broker.bootstrap, "database_url": database_url}
-        )
-        asyncio.run(ensure_topics(live))
-        apply_migrations(database_url)
-
-        env = _child_env(settings, broker.bootstrap, database_url, token)
-        children = []
-        for name in ("worker", "api", "notifier"):
-
-            def spawn(name: str = name) -> ManagedProcess:
-                return ManagedProcess.spawn(
-                    name, [sys.executable, "-m", "spendgate.cli", name], logs / f"{name}.log", env=env
-                )
-
-            child = spawn()
-            started.append(_Service(child, spawn))
-            children.append(child)
-
+        broker_bootstrap, database_url = _start_backends(settings, data_dir, logs, started, keep_db=keep_db)
+        env = _child_env(settings, broker_bootstrap, database_url, token)
+        children = _spawn_children(env, logs, started)
         api_url = f"http://{host}:{settings.api_port}"
         _echo("waiting for the worker and the API ...")
         _wait_ready(f"{api_url}/readyz", children, READY_TIMEOUT_S)
         _echo(
             "\nspendgate dev is ready\n"
             f"  API:          {api_url}  (OpenAPI: {api_url}/docs)\n"
-            f"  Kafka:        {broker.bootstrap}  (topics {settings.topic_prefix}*)\n"
+            f"  Kafka:        {broker_bootstrap}  (topics {settings.topic_prefix}*)\n"
             f"  Postgres:     {database_url}\n"
             f"  admin token:  {token}\n"
             f"  logs:         {logs}\n"
@@ -244,6 +209,48 @@ def run_dev(settings: Settings, *, keep_db: bool = False) -> int:
             service.proc.stop(CHILD_GRACE_S)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _start_backends(
+    settings: Settings, data_dir: Path, logs: Path, started: list[_Service], *, keep_db: bool
+) -> tuple[str, str]:
+    """Broker, Postgres (restartable), topics and migrations; (bootstrap, database URL)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    pgdata = data_dir / "pg"
+    if not keep_db and pgdata.exists():
+        shutil.rmtree(pgdata)
+    _echo(f"starting broker on 127.0.0.1:{settings.kafka_port} ...")
+    broker = start_broker(settings.kafka_port, logs / "broker.log")
+    started.append(_Service(broker.process))
+    _echo(f"starting postgres in {pgdata} ...")
+    pg_port = free_port()
+
+    def start_pg() -> ManagedProcess:
+        return start_postgres(pgdata, pg_port, logs / "postgres.log").process
+
+    pg = start_postgres(pgdata, pg_port, logs / "postgres.log")
+    started.append(_Service(pg.process, start_pg))
+    database_url = pg.create_database("spendgate")
+    live = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap, "database_url": database_url})
+    asyncio.run(ensure_topics(live))
+    apply_migrations(database_url)
+    return broker.bootstrap, database_url
+
+
+def _spawn_children(env: dict[str, str], logs: Path, started: list[_Service]) -> list[ManagedProcess]:
+    """The worker, the API and the notifier, each restarted by ``_serve`` when it crashes."""
+    children = []
+    for name in ("worker", "api", "notifier"):
+
+        def spawn(name: str = name) -> ManagedProcess:
+            return ManagedProcess.spawn(
+                name, [sys.executable, "-m", "spendgate.cli", name], logs / f"{name}.log", env=env
+            )
+
+        child = spawn()
+        started.append(_Service(child, spawn))
+        children.append(child)
+    return children
 
 
 def _serve(services: list[_Service]) -> int:

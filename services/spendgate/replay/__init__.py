@@ -32,22 +32,20 @@ import sys
 import time
 from typing import IO
 
-import orjson
 from aiokafka.errors import KafkaError
 
 from spendgate.adapters.kafka import KafkaUnavailable
-from spendgate.analysis import Rebuild, diff_live, iso_ms, report, scope_matcher
+from spendgate.analysis import Difference, Rebuild, diff_live, iso_ms, report, scope_matcher
 from spendgate.replay.options import (
     ReplayOptions,
     ReportFormat,
     UsageError,
     load_budgets,
-    parse_as_of,
-    parse_time,
+    select,
 )
 from spendgate.replay.progress import Progress
 from spendgate.replay.reader import read_latest, read_registry, read_usage, usage_targets
-from spendgate.replay.render import to_csv, to_json, to_table
+from spendgate.replay.render import render
 from spendgate.settings import Settings
 
 EXIT_OK, EXIT_DIFF, EXIT_USAGE = 0, 1, 2
@@ -55,47 +53,35 @@ __all__ = ["ReplayOptions", "ReportFormat", "UsageError", "main_async", "run"]
 
 
 async def run(options: ReplayOptions, settings: Settings, stdout: IO[str], stderr: IO[str]) -> int:
-    start = None if options.from_ in (None, "", "earliest") else parse_time(options.from_, "--from")
-    end = None if options.to is None else parse_time(options.to, "--to")
-    as_of = None if options.as_of is None else parse_as_of(options.as_of)
-    if start is not None and end is not None and end <= start:
-        raise UsageError("--to must be after --from")
-    if options.diff_live and (start is not None or end is not None or as_of is not None):
-        raise UsageError("--diff-live compares the whole log with live state: drop --from/--to/--as-of")
+    """Read, rebuild, report; the exit code (module docstring)."""
+    chosen = select(options)
     file_budgets = load_budgets(options.budgets) if options.budgets else None
     match = scope_matcher(options.scope)
-
     registry, rejected = await read_registry(settings)
     if rejected:
         print(f"replay: skipped {rejected} spend.config records that could not be applied", file=stderr)
     budgets = file_budgets if file_budgets is not None else dict(registry.budgets)
-    starts, targets = await usage_targets(settings, as_of)
+    starts, targets = await usage_targets(settings, chosen.as_of)
     total = sum(max(0, targets[p] - starts.get(p, 0)) for p in targets)
-    state = Rebuild(registry, settings.topic("usage"), budgets, start, end, settings.dedupe_horizon_h * 3600)
+    horizon_s = settings.dedupe_horizon_h * 3600
+    state = Rebuild(registry, settings.topic("usage"), budgets, chosen.start, chosen.end, horizon_s)
     progress = Progress(stderr, total, quiet=options.quiet)
-    as_of_ms = None if as_of is None or as_of.time is None else int(as_of.time * 1000)
-    await read_usage(settings, state, starts, targets, progress, as_of_ms=as_of_ms)
+    await read_usage(settings, state, starts, targets, progress, as_of_ms=chosen.as_of_ms)
     elapsed = progress.finish()
     if not options.quiet:
         rate = state.records / elapsed if elapsed else 0.0
         print(f"replay: {state.records} records in {elapsed:.2f}s ({rate:,.0f} events/s)", file=stderr)
 
-    if end is not None:
-        at = int(end) - 1
-    elif as_of is not None and as_of.time is not None:
-        at = int(as_of.time)
-    else:
-        at = int(time.time())
+    at = chosen.report_instant(time.time())
     reports = report(state, budgets, at=at, what_if=file_budgets is not None, match=match)
-    diffs = (
-        diff_live(state.ledgers, await read_latest(settings, "state"), match) if options.diff_live else None
-    )
-
+    diffs = None
+    if options.diff_live:
+        diffs = diff_live(state.ledgers, await read_latest(settings, "state"), match)
     meta = {
         "topic": settings.topic("usage"),
         "at": iso_ms(at),
-        "from": iso_ms(start),
-        "to": iso_ms(end),
+        "from": iso_ms(chosen.start),
+        "to": iso_ms(chosen.end),
         "positions": {str(p): t for p, t in sorted(targets.items())},
         "budgets": str(options.budgets) if options.budgets else "live (spend.config)",
         "what_if": file_budgets is not None,
@@ -105,17 +91,19 @@ async def run(options: ReplayOptions, settings: Settings, stdout: IO[str], stder
         "dead_letters": state.dead_letters,
         "out_of_range": state.out_of_range,
     }
-    if options.format == "json":
-        text = orjson.dumps(to_json(meta, reports, diffs), option=orjson.OPT_INDENT_2).decode() + "\n"
-    elif options.format == "csv":
-        text = to_csv(reports)
-    else:
-        text = to_table(meta, reports, diffs)
+    _write(options, render(options.format, meta, reports, diffs), stdout)
+    return _exit_with_diffs(diffs, stderr)
+
+
+def _write(options: ReplayOptions, text: str, stdout: IO[str]) -> None:
     if options.out:
         options.out.write_text(text)
     else:
         stdout.write(text)
         stdout.flush()
+
+
+def _exit_with_diffs(diffs: list[Difference] | None, stderr: IO[str]) -> int:
     if diffs:
         print(f"replay: {len(diffs)} difference(s) with live spend.state:", file=stderr)
         for d in diffs:

@@ -87,3 +87,36 @@ def load_budgets(path: Path) -> dict[str, Budget]:
         return parse_budget_file(raw)
     except ValueError as exc:
         raise UsageError(f"--budgets: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which events count (``occurred_at`` in ``[start, end)``) and where the log is cut."""
+
+    start: float | None
+    end: float | None
+    as_of: AsOf | None
+
+    @property
+    def as_of_ms(self) -> int | None:
+        return None if self.as_of is None or self.as_of.time is None else int(self.as_of.time * 1000)
+
+    def report_instant(self, now: float) -> int:
+        """The instant the report describes: just before ``--to``, at ``--as-of``, else now."""
+        if self.end is not None:
+            return int(self.end) - 1
+        if self.as_of is not None and self.as_of.time is not None:
+            return int(self.as_of.time)
+        return int(now)
+
+
+def select(options: ReplayOptions) -> Selection:
+    """``--from``, ``--to`` and ``--as-of`` read and checked together (``UsageError``)."""
+    start = None if options.from_ in (None, "", "earliest") else parse_time(options.from_, "--from")
+    end = None if options.to is None else parse_time(options.to, "--to")
+    as_of = None if options.as_of is None else parse_as_of(options.as_of)
+    if start is not None and end is not None and end <= start:
+        raise UsageError("--to must be after --from")
+    if options.diff_live and (start is not None or end is not None or as_of is not None):
+        raise UsageError("--diff-live compares the whole log with live state: drop --from/--to/--as-of")
+    return Selection(start, end, as_of)

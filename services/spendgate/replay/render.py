@@ -7,6 +7,8 @@ import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import orjson
+
 from spendgate.analysis import Difference, ScopeReport, iso_ms
 from spendgate.domain.money import format_usd
 
@@ -168,3 +170,14 @@ def to_table(
         lines += ["", f"Differences with live spend.state: {len(diffs) or 'none'}"]
         lines += [f"  {d}" for d in diffs]
     return "\n".join(lines) + "\n"
+
+
+def render(
+    format: str, meta: Mapping[str, Any], reports: Sequence[ScopeReport], diffs: list[Difference] | None
+) -> str:
+    """The report as ``format`` (table, csv or json)."""
+    if format == "json":
+        return orjson.dumps(to_json(meta, reports, diffs), option=orjson.OPT_INDENT_2).decode() + "\n"
+    if format == "csv":
+        return to_csv(reports)
+    return to_table(meta, reports, diffs)
