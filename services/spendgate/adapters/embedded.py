@@ -372,24 +372,7 @@ def start_postgres(
     user = _prepare_root_run(pgdata) if _running_as_root() else None
     bin_path = _pg_bin()
     if not (pgdata / "PG_VERSION").exists():
-        init = subprocess.run(
-            [
-                str(bin_path / "initdb"),
-                "-D",
-                str(pgdata),
-                "--auth=trust",
-                "--encoding=UTF8",
-                "--locale=C",
-                "-U",
-                PG_USER,
-            ],
-            user=user,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if init.returncode != 0:
-            raise EmbeddedError(f"initdb {pgdata} failed:\n{init.stdout}\n{init.stderr}")
+        _initdb(bin_path, pgdata, user)
     argv = [
         str(bin_path / "postgres"),
         "-D",
@@ -416,3 +399,11 @@ def start_postgres(
     server = EmbeddedPostgres(proc, host, port, pgdata)
     _wait_until(lambda: _postgres_accepts(server.url()), proc, timeout_s, "accept connections")
     return server
+
+
+def _initdb(bin_path: Path, pgdata: Path, user: str | None) -> None:
+    """A new cluster in ``pgdata``: trust auth, UTF-8, C locale, superuser ``PG_USER``."""
+    argv = [str(bin_path / "initdb"), "-D", str(pgdata), "--auth=trust", "--encoding=UTF8", "--locale=C"]
+    init = subprocess.run(argv + ["-U", PG_USER], user=user, capture_output=True, text=True, check=False)
+    if init.returncode != 0:
+        raise EmbeddedError(f"initdb {pgdata} failed:\n{init.stdout}\n{init.stderr}")
