@@ -133,3 +133,54 @@ class FakeControlStore:
     def key(self, key_id: str) -> KeyRecord | None:
         record: KeyRecord | None = self.rows.get((KeyRecord, (key_id,)))
         return record
+
+
+class FakeWebhookUnitOfWork:
+    """``control.webhooks.WebhookUnitOfWork`` over dicts; committed by ``FakeWebhookStore.begin``."""
+
+    def __init__(self, store: FakeWebhookStore) -> None:
+        self.store = store
+        self.rows: dict[str, dict[str, Any]] = {k: dict(v) for k, v in store.rows.items()}
+        self.audit_rows: list[dict[str, Any]] = []
+
+    async def lock(self, webhook_id: str) -> dict[str, Any] | None:
+        return self.rows.get(webhook_id)
+
+    async def get(self, webhook_id: str) -> dict[str, Any] | None:
+        return self.rows.get(webhook_id)
+
+    async def key_teams(self, key_ids: Any) -> dict[str, str | None]:
+        return {k: self.store.key_teams[k] for k in key_ids if k in self.store.key_teams}
+
+    async def save(self, webhook_id: str, values: dict[str, Any], created_by: str) -> dict[str, Any]:
+        self.rows[webhook_id] = {"webhook_id": webhook_id, **values, "created_by": created_by}
+        return self.rows[webhook_id]
+
+    async def delete(self, webhook_id: str) -> None:
+        del self.rows[webhook_id]
+
+    async def audit(self, actor: Principal, action: str, webhook_id: str, before: Any, after: Any) -> None:
+        self.audit_rows.append({"action": action, "target": webhook_id, "before": before, "after": after})
+
+    async def after(self, webhook_id: str, size: int) -> list[dict[str, Any]]:
+        return [self.rows[k] for k in sorted(self.rows) if k > webhook_id][:size]
+
+    async def deliveries(self, webhook_id: str, limit: int) -> list[dict[str, Any]]:
+        return []
+
+
+class FakeWebhookStore:
+    def __init__(self, key_teams: dict[str, str | None] | None = None) -> None:
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.audit_rows: list[dict[str, Any]] = []
+        self.key_teams = key_teams or {}
+
+    @asynccontextmanager
+    async def begin(self) -> AsyncIterator[FakeWebhookUnitOfWork]:
+        uow = FakeWebhookUnitOfWork(self)
+        yield uow
+        self.rows, self.audit_rows = uow.rows, self.audit_rows + uow.audit_rows
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[FakeWebhookUnitOfWork]:
+        yield FakeWebhookUnitOfWork(self)

@@ -366,7 +366,7 @@ async def run(settings: Settings) -> None:
     )
     await kafka.ensure_topics(settings)
     pool = await open_pool(settings.database_url, max_size=4)
-    store = WebhookStore(pool, timeout_s=settings.dependency_timeout_s)
+    store = WebhookStore(pool)
     notifier = Notifier(settings, store)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -19,6 +19,7 @@ from aiohttp import web
 from tests.kafka_helpers import eventually, produce, read_all, running_services
 
 from spendgate.api.errors import DatabaseUnavailable
+from spendgate.control.webhooks import WebhookService
 from spendgate.domain.authority import Principal, Role
 from spendgate.domain.webhooks import (
     EVENT_ID_HEADER,
@@ -140,7 +141,7 @@ async def subscribe(
 ) -> str:
     webhook_id = f"w-{uuid.uuid4().hex[:8]}"
     spec = WebhookSpec(url, parse_patterns(scopes), parse_kinds(kinds), kw.pop("format", "json"), **kw)
-    await store.put(ADMIN, webhook_id, spec)
+    await WebhookService(store).put(ADMIN, webhook_id, spec)
     return webhook_id
 
 
@@ -209,18 +210,18 @@ async def test_500s_are_retried_with_one_event_id_and_410_is_not(
     await produce(settings, "alerts", [("key:k9", alert("key:k9", "blocked"))])
 
     async def settled() -> None:
-        rows = (await store.deliveries(ADMIN, flaky_id))["items"]
+        rows = (await WebhookService(store).deliveries(ADMIN, flaky_id))["items"]
         assert [(r["status"], r["attempts"], r["last_status"]) for r in rows] == [("delivered", 4, 200)]
 
     await eventually(settled, timeout=30, interval=0.1)
     assert len(flaky.got) == 4 and len(flaky.ids()) == 1  # the same Spendgate-Event-Id each time
-    (row,) = (await store.deliveries(ADMIN, flaky_id))["items"]
+    (row,) = (await WebhookService(store).deliveries(ADMIN, flaky_id))["items"]
     assert [(h["status"], h["error"]) for h in row["history"]] == [(500, "HTTP 500")] * 3 + [(200, None)]
     gaps = [b.at - a.at for a, b in zip(flaky.got, flaky.got[1:], strict=False)]
     assert all(gap >= 0.09 for gap in gaps), gaps  # backed off (0.1-0.2 s, 0.2-0.4 s, 0.4-0.8 s)
 
     async def given_up() -> dict[str, Any]:
-        rows = (await store.deliveries(ADMIN, gone_id))["items"]
+        rows = (await WebhookService(store).deliveries(ADMIN, gone_id))["items"]
         assert [(r["status"], r["attempts"], r["last_status"]) for r in rows] == [("failed", 1, 410)]
         return rows[0]
 

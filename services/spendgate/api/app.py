@@ -51,6 +51,7 @@ from spendgate.api.metrics import GateMetrics
 from spendgate.api.ui import ui_router
 from spendgate.api.visibility import WriteVisibility
 from spendgate.control.service import ControlService
+from spendgate.control.webhooks import WebhookService
 from spendgate.domain.gate_state import GateState
 from spendgate.domain.series import SpendHistory
 from spendgate.records import TokenRecord
@@ -232,7 +233,7 @@ def _mount(app: FastAPI, parts: _Parts) -> None:
     if parts.pool is not None and parts.control is not None:
         install_control_plane(app, parts.control, parts.tokens, parts.visibility)
         allow = [h.strip() for h in parts.settings.webhook_allow_hosts.split(",") if h.strip()]
-        app.state.webhooks = WebhookStore(parts.pool, timeout_s=parts.control.timeout_s)
+        app.state.webhooks = WebhookService(WebhookStore(parts.pool), timeout_s=parts.control.timeout_s)
         app.state.webhook_allow_hosts = allow
         app.include_router(webhooks.router)
     app.state.gate = parts.gate

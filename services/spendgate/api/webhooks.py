@@ -1,5 +1,5 @@
 """Control-plane routes of alert webhooks (CONTRACT §4): subscribe, read, list, delete, and see
-the recent deliveries. Parse + ``WebhookStore`` + render, like ``api.control``.
+the recent deliveries. Parse + ``WebhookService`` + render, like ``api.control``.
 
 A webhook's URL is checked twice: here (http/https, and a host that resolves to a link-local or
 cloud-metadata address is refused unless ``SPENDGATE_WEBHOOK_ALLOW_HOSTS`` lists it) and by the
@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from spendgate.adapters.dns import resolve
 from spendgate.api.deps import Caller
 from spendgate.api.errors import Unprocessable, error_responses
+from spendgate.control.webhooks import WebhookService, require_manager
 from spendgate.domain.errors import InvalidInput
 from spendgate.domain.scopes import validate_id
 from spendgate.domain.webhooks import (
@@ -25,7 +26,7 @@ from spendgate.domain.webhooks import (
     url_host,
     validate_url,
 )
-from spendgate.store.webhooks import UNSET, WebhookSpec, WebhookStore
+from spendgate.store.webhooks import UNSET, WebhookSpec
 
 EXAMPLE: dict[str, Any] = {
     "url": "https://hooks.example.com/spendgate",
@@ -96,12 +97,12 @@ router = APIRouter(
 )
 
 
-def _store(request: Request) -> WebhookStore:
-    store: WebhookStore = request.app.state.webhooks
-    return store
+def _service(request: Request) -> WebhookService:
+    service: WebhookService = request.app.state.webhooks
+    return service
 
 
-Store = Annotated[WebhookStore, Depends(_store)]
+Store = Annotated[WebhookService, Depends(_service)]
 
 
 def _webhook_id(value: str) -> str:
@@ -116,7 +117,7 @@ async def put_webhook(
     request: Request, webhook_id: str, body: WebhookBody, caller: Caller, store: Store
 ) -> dict[str, Any]:
     wid = _webhook_id(webhook_id)
-    store.require_manager(caller)  # before any DNS lookup
+    require_manager(caller)  # before any DNS lookup
     host = url_host(body.url)
     addresses = await resolve(host)
     if addresses:  # one that does not resolve yet is checked again before every attempt

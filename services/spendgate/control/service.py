@@ -10,10 +10,8 @@ store raises its own failures and ``api.errors`` chooses the statuses.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -58,7 +56,7 @@ from spendgate.records import (
     TokenRecord,
 )
 from spendgate.store.control import Page
-from spendgate.store.deadline import within
+from spendgate.store.deadline import bounded_methods
 from spendgate.store.pool import DEFAULT_TIMEOUT_S
 
 log = logging.getLogger(__name__)
@@ -69,6 +67,7 @@ KeyActivity = Callable[[str], bool | None]
 """Whether key K has recorded spend as this API's gate knows it (``None``: not caught up yet)."""
 
 
+@bounded_methods
 class ControlService:
     """Orgs, teams, keys, members, budgets, tokens and the audit log, as a principal sees them.
 
@@ -413,18 +412,3 @@ class ControlService:
     async def _page(self, kind: Any, after: str | None, limit: int, team_id: str | None = None) -> Page[Any]:
         async with self.store.read() as uow:
             return await uow.page(kind, after=after, limit=page_limit(limit), team_id=team_id)
-
-
-def _bounded(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Make a ``ControlService`` method answer within ``self.timeout_s`` (``store.deadline``)."""
-
-    @functools.wraps(method)
-    async def run(self: ControlService, *args: Any, **kwargs: Any) -> T:
-        return await within(method(self, *args, **kwargs), self.timeout_s, method.__name__)
-
-    return run
-
-
-for _name, _method in list(vars(ControlService).items()):
-    if not _name.startswith("_") and inspect.iscoroutinefunction(_method):
-        setattr(ControlService, _name, _bounded(_method))

@@ -11,8 +11,10 @@ or not at all; every write is idempotent, so the client just repeats it.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from spendgate.background import abandon
@@ -40,3 +42,22 @@ async def within(call: Awaitable[T], timeout_s: float, what: str) -> T:
         f"the control-plane database did not answer within {timeout_s:g}s; retry later"
         " (the change was applied whole or not at all; repeating it is safe)"
     )
+
+
+C = TypeVar("C", bound=type)
+
+
+def bounded_methods(cls: C) -> C:
+    """Make every public coroutine method of ``cls`` answer within ``self.timeout_s`` (503 past it)."""
+    for name, method in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.iscoroutinefunction(method):
+            setattr(cls, name, _bounded(method))
+    return cls
+
+
+def _bounded(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    @functools.wraps(method)
+    async def run(self: Any, *args: Any, **kwargs: Any) -> T:
+        return await within(method(self, *args, **kwargs), self.timeout_s, method.__name__)
+
+    return run

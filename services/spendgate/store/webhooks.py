@@ -6,32 +6,26 @@ Every change still runs in one transaction with its audit row (``action`` ``put_
 ``delete_webhook``, ``target`` ``webhook/{id}``, ``outbox_id`` NULL); the audit row and the
 API never hold the secret, only ``secret_set``.
 
-Driver exceptions leave as the API's errors (``store.pool.guard``): 503 when Postgres is down.
+SQL only: who may manage a webhook, secrets and views are ``control.webhooks``'. Driver
+exceptions leave as the store's failures (``store.pool.guard``).
 """
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, cast
 
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from spendgate.domain.authority import Principal, require
-from spendgate.domain.errors import Forbidden, NotFound, Unprocessable
+from spendgate.domain.authority import Principal
 from spendgate.domain.scopes import encode_id
 from spendgate.domain.webhooks import (
     ScopePattern,
-    authorize_webhook,
-    keys_named,
 )
-from spendgate.domain.windows import rfc3339
-from spendgate.store.deadline import within
 from spendgate.store.pool import guard
 
 Row = dict[str, Any]
@@ -41,10 +35,6 @@ UNSET: Any = object()  # "secret" absent from a PUT body: keep the current one (
 
 def webhook_key(webhook_id: str) -> str:
     return f"webhook/{encode_id(webhook_id)}"
-
-
-def new_secret() -> str:
-    return "whsec_" + secrets.token_urlsafe(32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,56 +58,99 @@ class Subscription:
     secret: str | None
 
 
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else rfc3339(value)
+class PostgresWebhookUnitOfWork:
+    """One transaction (``begin``) or one connection (``read``) over the webhooks tables."""
+
+    def __init__(self, conn: AsyncConnection[Row]) -> None:
+        self.conn = conn
+
+    async def lock(self, webhook_id: str) -> Row | None:
+        await self.conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (webhook_key(webhook_id),)
+        )
+        return await self._one("SELECT * FROM webhooks WHERE webhook_id = %s FOR UPDATE", webhook_id)
+
+    async def get(self, webhook_id: str) -> Row | None:
+        return await self._one("SELECT * FROM webhooks WHERE webhook_id = %s", webhook_id)
+
+    async def key_teams(self, key_ids: Sequence[str]) -> dict[str, str | None]:
+        """The team of each live key of ``key_ids`` (keys not registered are absent)."""
+        cur = await self.conn.execute(
+            "SELECT key_id, team_id FROM keys WHERE key_id = ANY(%s) AND NOT revoked",
+            (list(key_ids),),
+        )
+        return {r["key_id"]: r["team_id"] for r in await cur.fetchall()}
+
+    async def save(self, webhook_id: str, values: dict[str, Any], created_by: str) -> Row:
+        row = await self._one(
+            "INSERT INTO webhooks (webhook_id, url, scopes, kinds, format, secret, created_by)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (webhook_id) DO UPDATE SET"
+            " url = EXCLUDED.url, scopes = EXCLUDED.scopes, kinds = EXCLUDED.kinds,"
+            " format = EXCLUDED.format, secret = EXCLUDED.secret, updated_at = now() RETURNING *",
+            webhook_id,
+            values["url"],
+            Jsonb(values["scopes"]),
+            Jsonb(values["kinds"]),
+            values["format"],
+            values["secret"],
+            created_by,
+        )
+        assert row is not None
+        return row
+
+    async def delete(self, webhook_id: str) -> None:
+        await self.conn.execute("DELETE FROM webhooks WHERE webhook_id = %s", (webhook_id,))
+
+    async def audit(
+        self,
+        actor: Principal,
+        action: str,
+        webhook_id: str,
+        before: dict[str, Any] | None,
+        after: dict[str, Any] | None,
+    ) -> None:
+        """One audit row; webhooks are not spend.config records, so no outbox row."""
+        await self.conn.execute(
+            "INSERT INTO audit (actor, actor_role, action, target, before, after, outbox_id)"
+            " VALUES (%s, %s, %s, %s, %s, %s, NULL)",
+            (
+                actor.token_id,
+                actor.role.value,
+                action,
+                webhook_key(webhook_id),
+                _jsonb(before),
+                _jsonb(after),
+            ),
+        )
+
+    async def after(self, webhook_id: str, size: int) -> list[Row]:
+        """Up to ``size`` webhooks whose id sorts after ``webhook_id``, in order."""
+        cur = await self.conn.execute(
+            "SELECT * FROM webhooks WHERE webhook_id > %s ORDER BY webhook_id LIMIT %s", (webhook_id, size)
+        )
+        return await cur.fetchall()
+
+    async def deliveries(self, webhook_id: str, limit: int) -> list[Row]:
+        cur = await self.conn.execute(
+            "SELECT * FROM webhook_deliveries WHERE webhook_id = %s ORDER BY id DESC LIMIT %s",
+            (webhook_id, limit),
+        )
+        return await cur.fetchall()
+
+    async def _one(self, sql: str, *params: Any) -> Row | None:
+        cur = await self.conn.execute(sql, params)  # type: ignore[arg-type]
+        return await cur.fetchone()
 
 
-def public(row: Row) -> dict[str, Any]:
-    """The API / audit view of a webhook: never its secret."""
-    return {
-        "webhook_id": row["webhook_id"],
-        "url": row["url"],
-        "scopes": list(row["scopes"]),
-        "kinds": list(row["kinds"]),
-        "format": row["format"],
-        "secret_set": row.get("secret") is not None,
-        "created_at": _iso(row.get("created_at")),
-        "updated_at": _iso(row.get("updated_at")),
-    }
-
-
-def _audit_view(row: Row | None) -> Jsonb | None:
-    if row is None:
-        return None
-    view = public(row)
-    view.pop("created_at", None)
-    view.pop("updated_at", None)
-    return Jsonb(view)
-
-
-def delivery_view(row: Row) -> dict[str, Any]:
-    alert = row["alert"]
-    return {
-        "event_id": row["event_id"],
-        "status": row["status"],
-        "attempts": row["attempts"],
-        "last_status": row["last_status"],
-        "last_error": row["last_error"],
-        "last_attempt_at": _iso(row["last_attempt_at"]),
-        "next_attempt_at": _iso(row["next_attempt_at"]) if row["status"] == "pending" else None,
-        "created_at": _iso(row["created_at"]),
-        "finished_at": _iso(row["finished_at"]),
-        "history": row.get("history") or [],
-        "alert": {k: alert.get(k) for k in ("scope", "kind", "window", "as_of")},
-    }
+def _jsonb(value: dict[str, Any] | None) -> Jsonb | None:
+    return None if value is None else Jsonb(value)
 
 
 class WebhookStore:
-    """Subscriptions for the control plane, deliveries for the notifier (one pool, either side)."""
+    """Units of work for the control plane, deliveries for the notifier (one pool, either side)."""
 
-    def __init__(self, pool: AsyncConnectionPool, *, timeout_s: float = 5.0) -> None:
+    def __init__(self, pool: AsyncConnectionPool) -> None:
         self.pool = pool
-        self.timeout_s = timeout_s
 
     @asynccontextmanager
     async def _conn(self, *, tx: bool = False) -> AsyncIterator[AsyncConnection[Row]]:
@@ -128,203 +161,15 @@ class WebhookStore:
             else:
                 yield cast(AsyncConnection[Row], conn)
 
-    async def _bounded(self, coro: Any) -> Any:
-        """Answer within ``timeout_s`` or 503, even when Postgres is frozen (``store.deadline``)."""
-        return await within(coro, self.timeout_s, "a webhooks call")
-
-    # --- authority --------------------------------------------------------------------------
-
-    @staticmethod
-    async def _key_teams(
-        conn: AsyncConnection[Row], patterns: Sequence[ScopePattern]
-    ) -> dict[str, str | None]:
-        names = sorted(keys_named(patterns))
-        if not names:
-            return {}
-        cur = await conn.execute(
-            "SELECT key_id, team_id FROM keys WHERE key_id = ANY(%s) AND NOT revoked", (names,)
-        )
-        return {r["key_id"]: r["team_id"] for r in await cur.fetchall()}
-
-    async def _check(self, conn: AsyncConnection[Row], actor: Principal, scopes: Sequence[Any]) -> None:
-        patterns = [p if isinstance(p, ScopePattern) else ScopePattern.parse(p) for p in scopes]
-        require(authorize_webhook(actor, patterns, await self._key_teams(conn, patterns)))
-
-    @staticmethod
-    def require_manager(actor: Principal) -> None:
-        """Viewers and gateways are refused before any lookup (a 404 would leak existence)."""
-        require(authorize_webhook(actor, [], {}))
-
-    # --- subscriptions (control plane) ---------------------------------------------------------
-
-    async def put(
-        self, actor: Principal, webhook_id: str, spec: WebhookSpec
-    ) -> tuple[dict[str, Any], str | None]:
-        """Create or change; returns the public view and the secret when this call set one."""
-        self.require_manager(actor)
-        return cast(
-            tuple[dict[str, Any], str | None], await self._bounded(self._put(actor, webhook_id, spec))
-        )
-
-    async def _put(
-        self, actor: Principal, webhook_id: str, spec: WebhookSpec
-    ) -> tuple[dict[str, Any], str | None]:
+    @asynccontextmanager
+    async def begin(self) -> AsyncIterator[PostgresWebhookUnitOfWork]:
         async with self._conn(tx=True) as conn:
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (webhook_key(webhook_id),)
-            )
-            cur = await conn.execute("SELECT * FROM webhooks WHERE webhook_id = %s FOR UPDATE", (webhook_id,))
-            before = await cur.fetchone()
-            if before is not None:  # may the caller touch the webhook as it is now?
-                await self._check(conn, actor, before["scopes"])
-            await self._check(conn, actor, spec.patterns)
-            shown: str | None = None
-            if spec.secret is UNSET:
-                secret = before["secret"] if before is not None else new_secret()
-                shown = secret if before is None else None
-            else:
-                secret = spec.secret
-                changed = before is None or before["secret"] != secret
-                shown = secret if changed else None
-            scopes = [str(p) for p in spec.patterns]
-            after_values = (spec.url, scopes, list(spec.kinds), spec.format, secret)
-            if (
-                before is not None
-                and (
-                    before["url"],
-                    list(before["scopes"]),
-                    list(before["kinds"]),
-                    before["format"],
-                    before["secret"],
-                )
-                == after_values
-            ):
-                return public(before), None
-            cur = await conn.execute(
-                "INSERT INTO webhooks (webhook_id, url, scopes, kinds, format, secret, created_by)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (webhook_id) DO UPDATE SET"
-                " url = EXCLUDED.url, scopes = EXCLUDED.scopes, kinds = EXCLUDED.kinds,"
-                " format = EXCLUDED.format, secret = EXCLUDED.secret, updated_at = now() RETURNING *",
-                (
-                    webhook_id,
-                    spec.url,
-                    Jsonb(scopes),
-                    Jsonb(list(spec.kinds)),
-                    spec.format,
-                    secret,
-                    actor.token_id,
-                ),
-            )
-            after = await cur.fetchone()
-            assert after is not None
-            await self._audit(conn, actor, "put_webhook", webhook_id, before, after)
-            return public(after), shown
+            yield PostgresWebhookUnitOfWork(conn)
 
-    async def get(self, actor: Principal, webhook_id: str) -> dict[str, Any]:
-        self.require_manager(actor)
-        return cast(dict[str, Any], await self._bounded(self._get(actor, webhook_id)))
-
-    async def _get(self, actor: Principal, webhook_id: str) -> dict[str, Any]:
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[PostgresWebhookUnitOfWork]:
         async with self._conn() as conn:
-            row = await self._existing(conn, actor, webhook_id)
-        return public(row)
-
-    async def _existing(
-        self, conn: AsyncConnection[Row], actor: Principal, webhook_id: str, lock: str = ""
-    ) -> Row:
-        cur = await conn.execute(f"SELECT * FROM webhooks WHERE webhook_id = %s {lock}", (webhook_id,))
-        row = await cur.fetchone()
-        if row is None:
-            raise NotFound(f"webhook {webhook_id} does not exist")
-        await self._check(conn, actor, row["scopes"])
-        return row
-
-    async def delete(self, actor: Principal, webhook_id: str) -> None:
-        """Delete it and its deliveries (pending ones are not sent any more)."""
-        self.require_manager(actor)
-        await self._bounded(self._delete(actor, webhook_id))
-
-    async def _delete(self, actor: Principal, webhook_id: str) -> None:
-        async with self._conn(tx=True) as conn:
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (webhook_key(webhook_id),)
-            )
-            before = await self._existing(conn, actor, webhook_id, "FOR UPDATE")
-            await conn.execute("DELETE FROM webhooks WHERE webhook_id = %s", (webhook_id,))
-            await self._audit(conn, actor, "delete_webhook", webhook_id, before, None)
-
-    async def list_webhooks(
-        self, actor: Principal, *, limit: int = 100, after: str | None = None
-    ) -> dict[str, Any]:
-        """Admins: every webhook. A team admin: those whose scopes lie inside its team."""
-        self.require_manager(actor)
-        if not 1 <= limit <= MAX_PAGE:
-            raise Unprocessable(f"limit: must be between 1 and {MAX_PAGE}", details={"field": "limit"})
-        return cast(dict[str, Any], await self._bounded(self._list(actor, limit, after)))
-
-    async def _list(self, actor: Principal, limit: int, after: str | None) -> dict[str, Any]:
-        found: list[Row] = []
-        cursor = after or ""
-        async with self._conn() as conn:
-            while len(found) <= limit:
-                cur = await conn.execute(
-                    "SELECT * FROM webhooks WHERE webhook_id > %s ORDER BY webhook_id LIMIT %s",
-                    (cursor, MAX_PAGE),
-                )
-                rows = await cur.fetchall()
-                for row in rows:
-                    try:
-                        await self._check(conn, actor, row["scopes"])
-                    except Forbidden:
-                        continue
-                    found.append(row)
-                if len(rows) < MAX_PAGE:
-                    break
-                cursor = rows[-1]["webhook_id"]
-        more = len(found) > limit
-        return {
-            "items": [public(r) for r in found[:limit]],
-            "next": found[limit - 1]["webhook_id"] if more else None,
-        }
-
-    async def deliveries(self, actor: Principal, webhook_id: str, *, limit: int = 50) -> dict[str, Any]:
-        """The newest deliveries of a webhook (pending, delivered, failed), newest first."""
-        self.require_manager(actor)
-        if not 1 <= limit <= MAX_PAGE:
-            raise Unprocessable(f"limit: must be between 1 and {MAX_PAGE}", details={"field": "limit"})
-        return cast(dict[str, Any], await self._bounded(self._deliveries(actor, webhook_id, limit)))
-
-    async def _deliveries(self, actor: Principal, webhook_id: str, limit: int) -> dict[str, Any]:
-        async with self._conn() as conn:
-            await self._existing(conn, actor, webhook_id)
-            cur = await conn.execute(
-                "SELECT * FROM webhook_deliveries WHERE webhook_id = %s ORDER BY id DESC LIMIT %s",
-                (webhook_id, limit),
-            )
-            rows = await cur.fetchall()
-        return {"items": [delivery_view(r) for r in rows]}
-
-    @staticmethod
-    async def _audit(
-        conn: AsyncConnection[Row],
-        actor: Principal,
-        action: str,
-        webhook_id: str,
-        before: Row | None,
-        after: Row | None,
-    ) -> None:
-        await conn.execute(
-            "INSERT INTO audit (actor, actor_role, action, target, before, after, outbox_id)"
-            " VALUES (%s, %s, %s, %s, %s, %s, NULL)",
-            (
-                actor.token_id,
-                actor.role.value,
-                action,
-                webhook_key(webhook_id),
-                _audit_view(before),
-                _audit_view(after),
-            ),
-        )
+            yield PostgresWebhookUnitOfWork(conn)
 
     # --- the notifier's side ---------------------------------------------------------------
 
