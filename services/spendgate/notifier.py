@@ -11,7 +11,7 @@ Two loops per process, any number of processes (one consumer group, one Postgres
   one attempt twice, and a dead replica's claims return when the lease ends) and POST each in a
   task of its own: a 5 s timeout, at most ``per_webhook`` requests in flight per webhook and
   ``concurrency`` in all, so a slow or dead receiver holds only its own slots. The result is
-  judged by ``domain.webhooks.judge``: delivered, retried later (exponential backoff with jitter,
+  judged by ``domain.webhook_delivery.judge``: delivered, retried later (exponential backoff with jitter,
   ``Retry-After`` for 429) or given up, which is recorded on the row and produced to
   ``{prefix}alerts.dlq`` with the last error.
 
@@ -37,7 +37,7 @@ from pydantic import ValidationError
 
 from spendgate.adapters import kafka
 from spendgate.adapters.dns import RESOLVE_TIMEOUT_S, resolve
-from spendgate.domain.webhooks import (
+from spendgate.domain.webhook_delivery import (
     EVENT_ID_HEADER,
     SIGNATURE_HEADER,
     RetryPolicy,
@@ -45,9 +45,11 @@ from spendgate.domain.webhooks import (
     body_for,
     event_id,
     judge,
-    refused_target,
     retry_after_s,
     sign,
+)
+from spendgate.domain.webhooks import (
+    refused_target,
     subscription_matches,
     url_host,
 )

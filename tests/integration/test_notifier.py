@@ -21,13 +21,15 @@ from tests.kafka_helpers import eventually, produce, read_all, running_services
 from spendgate.api.errors import DatabaseUnavailable
 from spendgate.control.webhooks import WebhookService
 from spendgate.domain.authority import Principal, Role
-from spendgate.domain.webhooks import (
+from spendgate.domain.webhook_delivery import (
     EVENT_ID_HEADER,
     SIGNATURE_HEADER,
     RetryPolicy,
+    verify,
+)
+from spendgate.domain.webhooks import (
     parse_kinds,
     parse_patterns,
-    verify,
 )
 from spendgate.notifier import Notifier
 from spendgate.settings import Settings

@@ -11,25 +11,27 @@ import pytest
 from spendgate.domain.authority import Principal, Role
 from spendgate.domain.errors import InvalidInput
 from spendgate.domain.scopes import Scope
-from spendgate.domain.webhooks import (
+from spendgate.domain.webhook_delivery import (
     RetryPolicy,
-    ScopePattern,
     Verdict,
-    authorize_webhook,
     body_for,
     event_id,
-    forbidden_address,
     judge,
-    parse_kinds,
-    parse_patterns,
-    refused_target,
     retry_after_s,
     sign,
     slack_message,
-    subscription_matches,
     usd,
-    validate_url,
     verify,
+)
+from spendgate.domain.webhooks import (
+    ScopePattern,
+    authorize_webhook,
+    forbidden_address,
+    parse_kinds,
+    parse_patterns,
+    refused_target,
+    subscription_matches,
+    validate_url,
 )
 
 ALERT = {
