@@ -26,6 +26,7 @@ app = typer.Typer(
     help="Event-sourced spend accounting and budget enforcement.",
     no_args_is_help=True,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )
 

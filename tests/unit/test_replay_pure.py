@@ -283,6 +283,7 @@ def test_replay_options_are_declared_in_the_cli_and_a_bad_one_exits_2() -> None:
 
     runner = CliRunner()
     help_text = runner.invoke(app, ["replay", "--help"]).output
+    assert runner.invoke(app, ["replay", "-h"]).output == help_text
     for option in ("--from", "--to", "--scope", "--budgets", "--format", "--out", "--diff-live", "--as-of"):
         assert option in help_text
     bad_format = runner.invoke(app, ["replay", "--format", "xml"])

@@ -17,7 +17,7 @@ from spendgate.domain.money import format_usd
 from spendgate.domain.scopes import Scope, ScopeKind
 from spendgate.domain.windows import iso, window_bounds
 
-router = APIRouter(prefix="/v1", tags=["gate"], responses=error_responses(400, 401, 403, 422))
+router = APIRouter(prefix="/v1", tags=["gate"], responses=error_responses(400, 401, 403, 413, 415, 422))
 
 
 def spend_view(scope: str, state: GateState, now: float) -> dict[str, Any]:
