@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, TypeVar
 
@@ -12,6 +13,9 @@ from spendgate.records import AnyConfigRecord
 from spendgate.store.control import Page
 
 R = TypeVar("R", bound=AnyConfigRecord)
+
+KeyActivity = Callable[[str], bool | None]
+"""Whether key K has recorded spend as this API's gate knows it (``None``: not caught up yet)."""
 
 
 class UnitOfWork(Protocol):

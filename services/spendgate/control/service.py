@@ -15,11 +15,12 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-from spendgate.control.ports import ControlStore, UnitOfWork
+from spendgate.control.ports import ControlStore, KeyActivity, UnitOfWork
 from spendgate.control.steps import (
     budget_context,
     found,
     may_touch_key,
+    may_write_key,
     page_limit,
     refuse_if_any,
     revoke,
@@ -63,8 +64,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ChangeListener = Callable[[str, AnyConfigRecord | None], None]
-KeyActivity = Callable[[str], bool | None]
-"""Whether key K has recorded spend as this API's gate knows it (``None``: not caught up yet)."""
 
 
 @bounded_methods
@@ -188,21 +187,8 @@ class ControlService:
         """Register, change or (admin only) re-register a revoked key."""
         async with self._write(actor) as uow:
             before = await uow.lock(KeyRecord, key_id)
-            in_use, is_member = await self._claim_facts(uow, actor, key_id, before, team_id, user_id)
             target = KeyTarget(key_id, team_id, user_id)
-            require(
-                authorize(
-                    actor,
-                    Action.WRITE,
-                    target,
-                    team_of_key=before.team_id if before else None,
-                    key_exists=before is not None,
-                    key_user=before.user_id if before else None,
-                    key_revoked=bool(before and before.revoked),
-                    key_in_use=in_use,
-                    user_is_member=is_member,
-                )
-            )
+            require(await may_write_key(uow, actor, target, before, self._key_activity))
             if team_id is not None and await uow.get(TeamRecord, team_id) is None:
                 raise Unprocessable(f"team_id: team {team_id} does not exist", details={"field": "team_id"})
             if before is not None and (before.user_id, before.team_id, before.revoked) == (
@@ -216,32 +202,6 @@ class ControlService:
             )
             await save(uow, "put_key", before, record)
             return record
-
-    async def _claim_facts(
-        self,
-        uow: UnitOfWork,
-        actor: Principal,
-        key_id: str,
-        before: KeyRecord | None,
-        team_id: str | None,
-        user_id: str | None,
-    ) -> tuple[bool | None, bool]:
-        """(is the unregistered key in use, is ``user_id`` a member of ``team_id``) for a team admin.
-
-        In use: the gate has recorded spend for it, or a budget is set on ``key:K`` or
-        ``key_model:K/…``. Only asked for a team admin registering a new key (admins need no facts).
-        """
-        if actor.role is not Role.TEAM_ADMIN or before is not None:
-            return False, False
-        in_use = self._key_activity(key_id) if self._key_activity else False
-        if in_use is False:
-            in_use = await uow.key_has_budget(key_id)
-        is_member = (
-            user_id is not None
-            and team_id is not None
-            and await uow.get(MemberRecord, team_id, user_id) is not None
-        )
-        return in_use, is_member
 
     async def get_key(self, actor: Principal, key_id: str) -> KeyRecord:
         async with self.store.read() as uow:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from spendgate.control.ports import UnitOfWork
-from spendgate.domain.authority import Action, Decision, KeyTarget, Principal, authorize
+from spendgate.control.ports import KeyActivity, UnitOfWork
+from spendgate.domain.authority import Action, Decision, KeyTarget, Principal, Role, authorize
 from spendgate.domain.budgets import Budget, parse_budget
 from spendgate.domain.errors import Conflict, NotFound, Unprocessable
 from spendgate.domain.scopes import Scope, ScopeKind
-from spendgate.records import AnyConfigRecord, BudgetRecord, KeyRecord, TokenRecord
+from spendgate.records import AnyConfigRecord, BudgetRecord, KeyRecord, MemberRecord, TokenRecord
 
 T = TypeVar("T")
 MAX_PAGE = 1000
@@ -88,3 +88,38 @@ def page_limit(limit: int) -> int:
     if not 1 <= limit <= MAX_PAGE:
         raise Unprocessable(f"limit: must be between 1 and {MAX_PAGE}", details={"field": "limit"})
     return limit
+
+
+async def may_write_key(
+    uow: UnitOfWork,
+    actor: Principal,
+    target: KeyTarget,
+    before: KeyRecord | None,
+    key_activity: KeyActivity | None,
+) -> Decision:
+    """Authority over registering ``target`` (``before``: the key as stored), with the facts a
+    team admin's claim needs: is the unregistered key in use (the gate has recorded spend for it,
+    or a budget is set on ``key:K`` or ``key_model:K/…``), is its user a member of its team.
+    Admins need no facts, and neither does a key already registered."""
+    in_use: bool | None = False
+    is_member = False
+    if actor.role is Role.TEAM_ADMIN and before is None:
+        in_use = key_activity(target.key_id) if key_activity else False
+        if in_use is False:
+            in_use = await uow.key_has_budget(target.key_id)
+        is_member = (
+            target.user_id is not None
+            and target.team_id is not None
+            and await uow.get(MemberRecord, target.team_id, target.user_id) is not None
+        )
+    return authorize(
+        actor,
+        Action.WRITE,
+        target,
+        team_of_key=before.team_id if before else None,
+        key_exists=before is not None,
+        key_user=before.user_id if before else None,
+        key_revoked=bool(before and before.revoked),
+        key_in_use=in_use,
+        user_is_member=is_member,
+    )
