@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
-from spendgate.accounting.ingest import RawRecord, parse_usage, plan_batch
+from spendgate.accounting.ingest import RawRecord, plan_batch
 from spendgate.accounting.ledgers import apply_deltas
 from spendgate.accounting.seen import SeenIds, plan_with_seen
+from spendgate.accounting.usage import parse_usage
 from spendgate.domain.attribution import scopes_for
 from spendgate.domain.budgets import NO_BUDGET, Budget, parse_budget
 from spendgate.domain.decide import ScopeStatus, decide

@@ -28,13 +28,12 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from pydantic import ValidationError
-
 from spendgate.accounting.deltas import Delta
+from spendgate.accounting.usage import Usage, parse_usage
 from spendgate.domain.attribution import scopes_for
 from spendgate.domain.holds import HoldBook, HoldOp, expires_at_ms, hold_id
 from spendgate.domain.registry import RegistryView
-from spendgate.records import DeadLetter, UsageEvent
+from spendgate.records import DeadLetter
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,20 +53,6 @@ class BatchPlan:
     progress: dict[int, int] = field(default_factory=dict)
     events: int = 0
     duplicates: int = 0
-
-
-def parse_usage(value: bytes | None) -> UsageEvent:
-    """Validate one raw record; raises ``ValueError`` with a readable reason when invalid."""
-    if value is None:
-        raise ValueError("empty record (null value)")
-    try:
-        return UsageEvent.model_validate_json(value)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "record"
-        if first.get("type") == "json_invalid":
-            raise ValueError(f"invalid JSON: {first.get('msg')}") from None
-        raise ValueError(f"{where}: {first.get('msg')}") from None
 
 
 def dead_letter(record: RawRecord, reason: str, topic: str) -> DeadLetter:
@@ -143,7 +128,7 @@ def plan_batch(
 
 def _hold_ops(
     holds: HoldBook,
-    event: UsageEvent,
+    event: Usage,
     partition: int,
     offset: int,
     registry: RegistryView,
