@@ -3,7 +3,7 @@
 ``python -m bench.worker_micro [--events N] [--reps R]``: the worker bench's data (bench/worker.py:
 10,000 keys, 100 team budgets, 8 scopes per event) through accounting's stage A planning, stage B's
 apply_deltas + the ledger records it writes, and the state tick's decide + state_json, in batches as
-the worker sees them. Prints µs per event for each stage (median of R reps). What Faust and Kafka
+the worker sees them. Prints CPU µs per event (process time, less sensitive to a loaded box) for each stage (median of R reps). What Faust and Kafka
 add on top is the difference with bench/worker.py's figure.
 """
 
@@ -65,9 +65,9 @@ def one_rep(view: RegistryView, recs: list[RawRecord]) -> dict[str, float]:
     spent = dict.fromkeys(("plan", "encode+decode", "apply", "ledger writes", "decide+evaluate", "state_json"), 0.0)
 
     def timed(stage: str, fn: Callable[[], object]) -> object:
-        started = time.perf_counter()
+        started = time.process_time()
         out = fn()
-        spent[stage] += time.perf_counter() - started
+        spent[stage] += time.process_time() - started
         return out
 
     progress: dict[int, int] = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from spendgate.accounting.deltas import Delta
+from spendgate.accounting.deltas import Delta, decode_bundle, encode_bundle
 from spendgate.accounting.ingest import RawRecord, plan_batch
 from spendgate.domain.ledger import ScopeLedger
 from spendgate.domain.registry import RegistryView
@@ -122,6 +122,6 @@ def test_request_events_are_remembered_but_charge_nothing() -> None:
     assert result.events == 1 and result.deltas == [] and "r1" in result.seen_new
 
 
-def test_delta_json_round_trip() -> None:
-    delta = Delta("model:openai%2Fgpt-4o", 3, 10, 12, {29_000_000: 5})
-    assert Delta.from_json(delta.to_json()) == delta
+def test_delta_bundle_round_trip() -> None:
+    deltas = [Delta("model:openai%2Fgpt-4o", 3, 10, 12, {29_000_000: 5, 29_000_001: 7}), Delta("k", 0, 1, 1)]
+    assert decode_bundle(encode_bundle(deltas)) == deltas

@@ -7,9 +7,8 @@ partition, up to offset ``last``; stage B applies it to the scope's ledger exact
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import orjson
 
@@ -33,28 +32,6 @@ class Delta:
     def add(self, minute: int, nanos: int) -> None:
         self.minutes[minute] = self.minutes.get(minute, 0) + nanos
 
-    def to_json(self) -> bytes:
-        return orjson.dumps(
-            {
-                "scope": self.scope,
-                "p": self.partition,
-                "first": self.first,
-                "last": self.last,
-                "m": {str(k): v for k, v in self.minutes.items()},
-            }
-        )
-
-    @classmethod
-    def from_json(cls, raw: bytes | Mapping[str, Any]) -> Delta:
-        data: Mapping[str, Any] = orjson.loads(raw) if isinstance(raw, bytes | bytearray | str) else raw
-        return cls(
-            str(data["scope"]),
-            int(data["p"]),
-            int(data["first"]),
-            int(data["last"]),
-            {int(k): int(v) for k, v in data["m"].items()},
-        )
-
 
 def encode_bundle(deltas: Sequence[Delta]) -> bytes:
     """Many deltas in one internal record (all for scopes of one ``worker.deltas`` partition).
@@ -75,14 +52,10 @@ def encode_bundle(deltas: Sequence[Delta]) -> bytes:
 
 
 def decode_bundle(raw: bytes) -> list[Delta]:
-    """Read a bundle of :func:`encode_bundle` (or of ``Delta.to_json`` objects, the old format)."""
+    """Read a bundle of :func:`encode_bundle`."""
     out = []
     for item in orjson.loads(raw):
-        if type(item) is list:
-            ops = item.pop()["h"] if len(item) % 2 else []
-            flat = iter(item)
-            scope, partition, first, last = next(flat), next(flat), next(flat), next(flat)
-            out.append(Delta(scope, partition, first, last, dict(zip(flat, flat, strict=True)), ops))
-        else:  # records produced before the flat format; may still be in flight at an upgrade
-            out.append(Delta.from_json(item))
+        ops = item.pop()["h"] if len(item) % 2 else []
+        minutes = dict(zip(item[4::2], item[5::2], strict=True))  # even length once ops are popped
+        out.append(Delta(item[0], item[1], item[2], item[3], minutes, ops))
     return out

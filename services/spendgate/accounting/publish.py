@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 
 import orjson
 
@@ -125,7 +126,10 @@ def wire_watermarks(watermarks: Mapping[int, int]) -> dict[str, int]:
     return {str(p): o for p, o in watermarks.items()}
 
 
+@lru_cache(maxsize=4096)
 def _iso(instant: int | float | None) -> str | None:
+    """RFC 3339 text of an instant. Cached: a tick writes the same ``now`` and the same window
+    bounds (today's start, its reset, ...) into thousands of records."""
     ts = _ts(instant)
     return None if ts is None else ts.isoformat().replace("+00:00", "Z")
 
