@@ -337,6 +337,10 @@ def markdown(res: dict[str, Any]) -> str:
                      f"{', '.join(map(str, row['workers_2']))} |")
         L.append(f"\n{ab['note']}\n")
 
+    wab = res.get("worker_ab")
+    if wab:
+        L += _worker_ab(wab)
+
     wr = res.get("writes")
     if wr:
         L.append("## 8. Read-your-writes: write latency and other replicas\n")
@@ -373,6 +377,17 @@ def main() -> None:
     res = json.loads((root / "BENCHMARKS.json").read_text())
     (root / "BENCHMARKS.md").write_text(markdown(res))
 
+
+
+def _worker_ab(ab: dict[str, Any]) -> list[str]:
+    """Issue 16's before/after tables (entered in BENCHMARKS.json from the runs they name)."""
+    L = ["### Worker speed, issue 16: before and after, same run\n", ab["intro"] + "\n"]
+    for table in ab["tables"]:
+        L.append(f"**{table['title']}** `{table['command']}`\n")
+        L.append("| " + " | ".join(table["columns"]) + " |\n|" + "---|" * len(table["columns"]))
+        L += ["| " + " | ".join(str(c) for c in row) + " |" for row in table["rows"]]
+        L.append(f"\n{table.get('note', '')}\n")
+    return L
 
 
 def _cores() -> int:

@@ -191,7 +191,7 @@ def _short(frame: str) -> str:
 
 async def run_worker_bench(stack: Stack, workdir: Path, quick: bool) -> dict[str, Any]:
     n_events = 2_000 if quick else 20_000  # long enough to measure the steady state, not start-up
-    reps = 1 if quick else 2
+    reps = int(os.environ.get("BENCH_WORKER_REPS", 1 if quick else 2))  # e.g. 3 for an A/B of two trees
     out: dict[str, Any] = {"events_per_run": n_events, "keys": KEYS, "partitions": 8, "reps": reps, "runs": {}}
     run_id = 0
     for workers in (1, 2):
