@@ -10,7 +10,8 @@ Stage B, agent ``aggregate`` on ``worker.deltas`` (a scope always in the same pa
   1. apply each delta to the scope's ledger (idempotent per record, see ``domain.ledger``);
   2. write the changed ledger records, await the acks;
   3. decide budgeted scopes now and publish decisions/alerts; mark the scope's state dirty.
-Timers publish coalesced state, re-decide scopes whose window reset, and expire old records.
+Timers publish coalesced state, re-decide scopes whose window reset, and expire old records
+(``worker.outputs``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import asyncio
 import heapq
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 import faust
@@ -30,10 +31,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from spendgate.accounting.deltas import Delta, decode_bundle, encode_bundle
 from spendgate.accounting.ingest import RawRecord
 from spendgate.accounting.ledgers import apply_deltas, partition_of
-from spendgate.accounting.publish import Publisher, state_json
+from spendgate.accounting.publish import Publisher
 from spendgate.accounting.seen import SeenIds, plan_with_seen
 from spendgate.domain import holds as hold_ops
-from spendgate.domain.decide import decide
 from spendgate.domain.ledger import DayRecord, HotRecord, ScopeLedger
 from spendgate.domain.registry import ConfigChange, RegistryView
 from spendgate.records import Source
@@ -46,10 +46,10 @@ from spendgate.worker.faust_app import (
     items_in_partition,
     make_app,
     partitions_ready,
-    send_batches,
     send_many,
     write_in_partition,
 )
+from spendgate.worker.outputs import Outputs
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ AGGREGATE_BATCH = 64
 AGGREGATE_WITHIN_S = 0.02
 
 
-class Worker:
+class Worker(Outputs):
     """State and behaviour of one worker process; the Faust agents call into it."""
 
     def __init__(self, settings: Settings, app: faust.App) -> None:
@@ -323,157 +323,6 @@ class Worker:
             self._due_at_hold_expiry(scope, ledgers[scope], now)
         budgets = self.registry.budgets
         await self._publish([(scope, self.sources[scope]) for scope in touched if scope in budgets], now)
-
-    def _due_at_hold_expiry(self, scope: str, ledger: ScopeLedger, now: float) -> None:
-        """Queue the scope for its next hold expiry, so its state (``reserved_usd``) and its
-        decision are published again the moment a hold stops counting."""
-        if not ledger.hot.holds:
-            return
-        following, _ = hold_ops.expiry(ledger.hot.holds, int(now * 1000))
-        if following is None:
-            self.hold_due.pop(scope, None)
-            ledger.hot.holds.clear()  # all expired: they never count again (written with the next delta)
-            return
-        at = following / 1000 + 0.05
-        if self.hold_due.get(scope) != at:
-            self.hold_due[scope] = at
-            heapq.heappush(self.due, (at, scope))
-
-    def _holds_of(self, scope: str, ledger: ScopeLedger, now: float) -> tuple[int, float | None]:
-        """What the scope's holds reserve at ``now`` and when the last of them expires."""
-        if not ledger.hot.holds:
-            return 0, None
-        now_ms = int(now * 1000)
-        _, last = hold_ops.expiry(ledger.hot.holds, now_ms)
-        return ledger.reserved(now_ms), None if last is None else last / 1000
-
-    def _source(self, scope: str) -> Source | None:
-        """What a record about ``scope`` reflects: its last delta, else what its ledger has seen."""
-        source = self.sources.get(scope)
-        if source is None and scope in self.ledgers and self.ledgers[scope].hot.watermarks:
-            partition, offset = max(self.ledgers[scope].hot.watermarks.items(), key=lambda item: item[1])
-            source = self.sources[scope] = Source(partition=partition, offset=offset)
-        return source
-
-    def _evaluate(
-        self, scopes: Iterable[tuple[str, Source | None]], now: float, owned: frozenset[int]
-    ) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
-        """Decide the owned ``scopes``; the decisions and alerts that must go out. No I/O."""
-        decisions, alerts = [], []
-        for scope, given in scopes:
-            if not self._owns(scope, owned):
-                continue
-            source = given or self._source(scope)
-            ledger = self._ledger(scope)
-            out = self.publisher.evaluate(
-                scope, self.registry.budget(scope), ledger, now, source, ledger.hot.watermarks
-            )
-            if out.decision is not None:
-                decisions.append((scope.encode(), out.decision.model_dump_json().encode()))
-                metrics.DECISIONS.labels(blocked=str(out.decision.blocked).lower()).inc()
-                self.dirty.setdefault(scope, source)
-            alerts += [(scope.encode(), alert.model_dump_json().encode()) for alert in out.alerts]
-            if out.status is not None and out.status.next_change_at is not None:
-                heapq.heappush(self.due, (out.status.next_change_at + 0.05, scope))
-        return decisions, alerts
-
-    async def _publish(self, scopes: Sequence[tuple[str, Source | None]], now: float) -> None:
-        """Decide ``scopes`` and send what changed: one round trip for all of them.
-
-        During a rebalance nothing is decided: the scopes are due again, and the next
-        generation decides them if this worker still owns them (``_rebuild_ledgers``).
-        """
-        if not scopes:
-            return
-        async with self.publishing:
-            owned = self.publishable()
-            if not owned:
-                for scope, _ in scopes:
-                    heapq.heappush(self.due, (now, scope))
-                return
-            decisions, alerts = self._evaluate(scopes, now, owned)
-            futures = await self._enqueue_keyed(self.outputs["decisions"], decisions)
-            futures += await self._enqueue_keyed(self.outputs["alerts"], alerts)
-        await flush(self.app, futures)
-
-    # ---- timers ---------------------------------------------------------------------------
-
-    async def tick(self) -> None:
-        """Re-decide due scopes (window resets, budget changes) and flush coalesced state.
-
-        Every record is computed from durable ledger state: a scope of the aggregate batch
-        whose changelog writes are in flight (``unflushed``) waits for the next tick, so a
-        state record never shows spend a crash could still lose and the next owner, recovering
-        from the changelog, never publishes less than this one did. Computing and handing the
-        records to the producer happen under ``publishing``, for owned partitions only
-        (``publishable``), so decisions of one scope reach the topic in ``seq`` order.
-        """
-        if not self.config_ready.is_set() or not partitions_ready(self.app, self.deltas):
-            return
-        async with self.publishing:
-            self.ensure_ledgers()
-            owned = self.publishable()
-            if not owned:
-                return
-            now = time.time()
-            unflushed = self.unflushed
-            due: dict[str, None] = {}
-            later = []
-            while self.due and self.due[0][0] <= now:
-                _, scope = heapq.heappop(self.due)
-                if scope in unflushed:
-                    later.append(scope)
-                elif self._owns(scope, owned):
-                    due[scope] = None
-            for scope in later:
-                heapq.heappush(self.due, (now + 0.05, scope))
-            decisions, alerts = self._evaluate(due.items(), now, owned)
-            for scope in due:
-                self.dirty.setdefault(scope, None)
-            dirty, self.dirty = self.dirty, {}
-            records = []
-            for scope, source in dirty.items():
-                if scope in unflushed:
-                    self.dirty[scope] = source  # the next tick, once its writes are acked
-                    continue
-                if not self._owns(scope, owned):
-                    continue  # its partition left: the new owner publishes it
-                ledger = self._ledger(scope)
-                status = decide(self.registry.budget(scope), ledger, int(now))
-                held, until = self._holds_of(scope, ledger, now)
-                self._due_at_hold_expiry(scope, ledger, now)
-                records.append(
-                    (
-                        scope.encode(),
-                        state_json(
-                            scope,
-                            status,
-                            now,
-                            source or self._source(scope),
-                            ledger.hot.watermarks,
-                            held,
-                            until,
-                        ),
-                    )
-                )
-            futures = await self._enqueue_keyed(self.outputs["decisions"], decisions)
-            futures += await self._enqueue_keyed(self.outputs["alerts"], alerts)
-            futures += await self._enqueue_keyed(self.outputs["state"], records)
-        await flush(self.app, futures)
-        metrics.STATE_RECORDS.inc(len(records))
-
-    async def _enqueue_keyed(
-        self, topic: faust.TopicT, records: list[tuple[bytes, bytes]]
-    ) -> list[asyncio.Future]:
-        """Hand keyed records to the producer in per-partition batches (the default
-        partitioner's partitions); returns the futures of their acks."""
-        by_partition: dict[int, list[tuple[bytes | None, bytes | None]]] = {}
-        for key, value in records:
-            by_partition.setdefault(partition_of(key.decode(), self.settings.partitions), []).append(
-                (key, value)
-            )
-        name = topic.get_topic_name()
-        return [f for p, rs in by_partition.items() for f in await send_batches(self.app, name, p, rs)]
 
 
 def build(settings: Settings) -> tuple[faust.App, Worker]:
