@@ -259,6 +259,14 @@ class Worker(Outputs):
                 self.due.append((now, scope))
         heapq.heapify(self.due)
         self.ledgers_built_for = (generation, owned)
+        log.info(
+            "ledgers loaded for generation %s, partitions %s: %d scopes (rebalancing %s, in recovery %s)",
+            generation,
+            sorted(owned),
+            len(self.ledgers),
+            self.app.rebalancing,
+            getattr(self.app, "in_recovery", None),
+        )
 
     def ensure_ledgers(self, *, recovered: bool = False) -> None:
         """Load the ledgers of this generation once its recovery is over.
