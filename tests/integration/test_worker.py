@@ -10,7 +10,15 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from tests.kafka_helpers import ServiceProcess, eventually, latest, produce, read_all, running_services
+from tests.kafka_helpers import (
+    ServiceProcess,
+    eventually,
+    group_offsets,
+    latest,
+    produce,
+    read_all,
+    running_services,
+)
 
 from spendgate.settings import Settings
 
@@ -259,9 +267,13 @@ async def test_two_workers_give_the_same_totals_as_one(settings_factory, worker_
 
     async def all_exact() -> None:
         totals = totals_from_state(await latest(settings, "state"))
-        assert {s: totals.get(s) for s in expected} == expected
+        wrong = {s: (totals.get(s), v) for s, v in expected.items() if totals.get(s) != v}
+        assert not wrong, f"{len(wrong)} scopes differ, e.g. {list(wrong.items())[:3]}"
 
-    await eventually(all_exact, timeout=90)
+    try:
+        await eventually(all_exact, timeout=90)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{await group_offsets(settings)}") from None
 
 
 def budget_record(scope: str, version: int, limits: list[dict[str, str]] | None) -> tuple[str, object]:
