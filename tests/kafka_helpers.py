@@ -108,6 +108,14 @@ async def group_offsets(settings: Settings, short_topics: Iterable[str] = ("usag
     return "; ".join(lines)
 
 
+async def assert_consumed(
+    settings: Settings, short_topics: Iterable[str] = ("usage", "worker.deltas")
+) -> None:
+    """The worker group committed every offset of ``short_topics`` (raises AssertionError)."""
+    report = await group_offsets(settings, short_topics)
+    assert "!" not in report and "no offsets" not in report, report
+
+
 def service_env(settings: Settings, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPENDGATE_")}
     env.update(

@@ -218,9 +218,11 @@ class Worker(Outputs):
         partition that left and came back, or one held across a session this worker lost, may
         have been written by another owner in between, so nothing in memory from the previous
         generation is trusted. Ledgers reload from the (recovered) table; decisions go out again
-        for every budgeted owned scope, as after a restart; dirty/due/source bookkeeping and
-        alert memory of scopes in partitions no longer owned are dropped, so nothing is ever
-        published about them (they would be judged by an empty ledger: issue 19).
+        for every budgeted owned scope, as after a restart, and the state of every loaded scope
+        is published again (the last owner may not have published its last deltas);
+        dirty/due/source bookkeeping and alert memory of scopes in partitions no longer owned
+        are dropped, so nothing is ever published about them (they would be judged by an empty
+        ledger: issue 19).
 
         ``data.items()`` is every key of the memory store, or the keys of every active
         partition's RocksDB database; either way filtered by ``owned`` below.
@@ -245,6 +247,13 @@ class Worker(Outputs):
             return not self._owns(scope, owned)
 
         self.dirty = {scope: source for scope, source in self.dirty.items() if not lost(scope)}
+        # Publish the state of every scope loaded, once: the previous owner may have counted
+        # deltas (their ledger writes acked) without publishing them yet -- its tick does not
+        # run while a rebalance is under way, and a SIGKILL stops it altogether -- and without a
+        # new delta for the scope nobody would ever publish them (issue 13: totals short on
+        # Kafka, both workers idle).
+        for scope in self.ledgers:
+            self.dirty.setdefault(scope, None)
         self.sources = {scope: source for scope, source in self.sources.items() if not lost(scope)}
         self.due = [(at, scope) for at, scope in self.due if not lost(scope)]
         self.hold_due = {}
