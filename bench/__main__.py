@@ -86,17 +86,18 @@ def micro(quick: bool) -> dict[str, Any]:
     return out
 
 
-async def main_async(args: argparse.Namespace, results: dict[str, Any]) -> None:
+WORKDIR = Path(os.environ.get("SPENDGATE_BENCH_DIR", "/tmp/spendgate-bench"))
+
+
+async def main_async(args: argparse.Namespace, results: dict[str, Any], stack: Any) -> None:
     from bench import coldstart, gate, holds, live, replay, worker
-    from bench.stack import Stack
 
     only = set(args.only.split(",")) if args.only else set(PHASES)
     quick = args.quick
-    workdir = Path(os.environ.get("SPENDGATE_BENCH_DIR", "/tmp/spendgate-bench"))
+    workdir = WORKDIR
     keys, teams, orgs = (20_000, 200, 10) if quick else (100_000, 1_000, 10)
     if "micro" in only:
         results["micro"] = micro(quick)
-    stack = Stack(workdir, kafka=args.kafka)
     try:
         stack.start()
         log(f"stack: broker {stack.bootstrap}, postgres {stack.database_url}")
@@ -218,12 +219,21 @@ def main() -> None:
     results: dict[str, Any] = {"machine": machine(), "command": " ".join(["python -m bench", *sys.argv[1:]]),
                                "quick": args.quick, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     code = 0
+    from bench.stack import Stack
+
+    stack = Stack(WORKDIR, kafka=args.kafka)
     try:
-        asyncio.run(main_async(args, results))
+        if args.kafka == "real":
+            stack.start_kafka_cluster()
+            log(f"kafka: 3 brokers at {stack.broker.bootstrap}")  # type: ignore[attr-defined]
+        asyncio.run(main_async(args, results, stack))
     except BaseException as exc:  # noqa: BLE001 - partial numbers are still written
         results["error"] = "".join(traceback.format_exception(exc))[-4000:]
         log(f"FAILED: {exc!r}")
         code = 1
+    finally:
+        if stack.broker is not None and args.kafka == "real":
+            stack.broker.stop()  # type: ignore[attr-defined]  # idempotent; main_async stops it too
     elapsed = results["elapsed_s"] = time.monotonic() - started
     results["machine"]["load_avg_at_end"] = os.getloadavg()
     out = Path(args.out)

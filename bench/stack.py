@@ -46,12 +46,8 @@ class Stack:
         logs = self.workdir / "logs"
         logs.mkdir(exist_ok=True)
         if self.kafka == "real":
-            from spendgate.adapters.kafka_cluster import KafkaCluster
-
-            kafka_dir = self.workdir / "kafka"
-            if kafka_dir.exists():
-                shutil.rmtree(kafka_dir)
-            self.broker = KafkaCluster(kafka_dir).start()
+            if self.broker is None:  # started by start_kafka_cluster(), outside the event loop
+                raise RuntimeError("--kafka real: call Stack.start_kafka_cluster() before the event loop")
         else:
             self.broker = start_broker(free_port(), logs / "broker.log")
         self.bootstrap = self.broker.bootstrap  # type: ignore[attr-defined]
@@ -61,6 +57,18 @@ class Stack:
         self.pg = start_postgres(pgdata, free_port(), logs / "postgres.log", durable=False)
         self.database_url = self.pg.create_database("spendgate")  # type: ignore[attr-defined]
         apply_migrations(self.database_url)
+
+    def start_kafka_cluster(self) -> None:
+        """Start the 3-broker cluster (``--kafka real``). Call from the main thread, outside an
+        event loop: it waits with ``asyncio.run``, and its JVMs die with the thread that started
+        them (so not from a worker thread)."""
+        from spendgate.adapters.kafka_cluster import KafkaCluster
+
+        kafka_dir = self.workdir / "kafka"
+        if kafka_dir.exists():
+            shutil.rmtree(kafka_dir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.broker = KafkaCluster(kafka_dir).start()
 
     def start_redis(self) -> None:
         """The Redis baseline's server on 127.0.0.1:6379 (Debian's ``redis-server``), unless one answers.
