@@ -79,9 +79,10 @@ lint: install ## ruff + mypy
 schemas: install ## Regenerate the JSON Schemas in schemas/
 	$(BIN)/spendgate schemas schemas
 
+# BENCH_ARGS: e.g. BENCH_ARGS="--kafka real" (gate + worker on 3 real Kafka brokers), "--only gate --quick".
 bench: install $(LITELLM_STAMP) ## Benchmarks: gate, worker, enforcement delay, overshoot, cold start -> BENCHMARKS.md/.json
 	@($(BIN)/python -c 'import redis' 2>/dev/null && test -x $(BIN)/py-spy) || $(BIN)/python -m pip install -q -e '.[dev,bench]'
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean: ## Remove caches, build output and the dev stack's data (.spendgate/)
 	rm -rf .spendgate .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist
