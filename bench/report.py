@@ -481,10 +481,16 @@ def _real_kafka(res: dict[str, Any]) -> list[str]:
                 L.append(f"| gate {q} ms at {rate} checks/s | {_m(a)} | {_m(b)} | {_r(b, a)} |")
         a, b = ge.get("max_sustainable", {}).get("spendgate"), gk.get("max_sustainable", {}).get("spendgate")
         L.append(f"| gate: max checks/s with p99 < 5 ms | {_m(a, 0)} | {_m(b, 0)} | {_r(b, a)} |")
+        for rate in gk.get("rates", {}):  # the bare ASGI app in the same run: how loaded the box was
+            a = ge.get("rates", {}).get(rate, {}).get("floor", {}).get("p99")
+            b = gk["rates"][rate]["floor"]["p99"]
+            L.append(f"| *floor* (bare ASGI app, no broker) p99 ms at {rate}/s | {_m(a)} | {_m(b)} | {_r(b, a)} |")
         non_2xx = sum(per["spendgate"]["non_2xx"] for per in gk.get("rates", {}).values())
         L.append(f"\nGate on real Kafka: {non_2xx} non-2xx answers at the fixed rates. The gate answers from memory "
                  "(its followers of `spend.state`/`spend.config`), so the broker matters at start-up and for "
                  "freshness, not per check.")
+    if res.get("kafka_note"):
+        L.append(f"\n{res['kafka_note']}")
     if wk:
         L.append(f"Worker on real Kafka: {wk['events_per_run']:,} events per run, {wk['reps']} runs each, fresh topics "
                  "per run; every state/decision/changelog write waits for 2 of 3 replicas.")
