@@ -436,9 +436,6 @@ def _litellm(lt: dict[str, Any], targets: list[tuple[str, str, str, bool | None]
     return L
 
 
-if __name__ == "__main__":
-    main()
-
 
 def _load(x: Any) -> str:
     return ", ".join(f"{v:.2f}" for v in x) if x else "n/a"
@@ -497,3 +494,6 @@ def _real_kafka(res: dict[str, Any]) -> list[str]:
     L.append("")
     return L
 
+
+if __name__ == "__main__":
+    main()
