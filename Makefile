@@ -67,9 +67,10 @@ kafka: install ## Real Apache Kafka (3 KRaft brokers, fetched with Maven once) u
 # touch the cluster: only the one that honours SPENDGATE_TEST_KAFKA_BOOTSTRAP runs here.
 # Tests marked broker_agnostic (Postgres or HTTP validation only, or their own embedded broker;
 # pyproject.toml) add nothing on a real broker and run in `make test` only.
+# PYTEST_ARGS: more pytest options, e.g. PYTEST_ARGS=--basetemp=/tmp/kafka-run1 keeps the workers' logs.
 test-kafka: install $(LITELLM_STAMP) ## Integration + e2e on a real 3-broker Kafka (RF 3, min ISR 2), broker failures
 	$(BIN)/python -m spendgate.adapters.kafka_cluster test -- -q -rf -p no:cacheprovider --durations=15 \
-		-m "not broker_agnostic" tests/integration tests/e2e/test_litellm_proxy.py
+		$(PYTEST_ARGS) -m "not broker_agnostic" tests/integration tests/e2e/test_litellm_proxy.py
 
 lint: install ## ruff + mypy
 	$(BIN)/ruff check services tests
@@ -78,9 +79,10 @@ lint: install ## ruff + mypy
 schemas: install ## Regenerate the JSON Schemas in schemas/
 	$(BIN)/spendgate schemas schemas
 
+# BENCH_ARGS: e.g. BENCH_ARGS="--kafka real" (gate + worker on 3 real Kafka brokers), "--only gate --quick".
 bench: install $(LITELLM_STAMP) ## Benchmarks: gate, worker, enforcement delay, overshoot, cold start -> BENCHMARKS.md/.json
 	@($(BIN)/python -c 'import redis' 2>/dev/null && test -x $(BIN)/py-spy) || $(BIN)/python -m pip install -q -e '.[dev,bench]'
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean: ## Remove caches, build output and the dev stack's data (.spendgate/)
 	rm -rf .spendgate .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist

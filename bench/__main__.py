@@ -1,5 +1,10 @@
 """``python -m bench [--only gate,worker,replay,enforce,overshoot,reserve,cold,micro,rebalance,writes,dashboard] [--quick]``.
 
+``python -m bench --kafka real [--only gate,worker]`` runs the gate and worker phases against a
+real 3-broker Apache Kafka cluster (``spendgate.adapters.kafka_cluster``: KRaft, RF 3, min ISR 2,
+changelogs included) instead of Tansu; its figures go beside the embedded ones (``gate_kafka``,
+``worker_kafka`` in BENCHMARKS.json), the embedded figures are kept.
+
 Starts its own embedded stack (Tansu + Postgres on free ports; spendgate worker/API as child
 processes), runs each measurement beside its baseline, writes BENCHMARKS.md and BENCHMARKS.json.
 With ``--only``, the phases run replace theirs in the existing BENCHMARKS.json and the others
@@ -44,7 +49,13 @@ PHASE_KEYS = {
     "litellm": ("litellm",),
     "writes": ("writes",),
     "dashboard": ("dashboard",),
+    # --kafka real: the same phases on the 3-broker cluster, stored beside the embedded figures
+    "gate@kafka": ("gate_kafka", "gate_data_kafka"),
+    "worker@kafka": ("worker_kafka",),
 }
+#: Phases that run on the real cluster (``--kafka real``) and the BENCHMARKS.json keys they write.
+KAFKA_PHASES = ("gate", "worker")
+KAFKA_SUFFIXED = ("gate", "gate_data", "worker")
 
 
 def machine() -> dict[str, Any]:
@@ -75,17 +86,18 @@ def micro(quick: bool) -> dict[str, Any]:
     return out
 
 
-async def main_async(args: argparse.Namespace, results: dict[str, Any]) -> None:
+WORKDIR = Path(os.environ.get("SPENDGATE_BENCH_DIR", "/tmp/spendgate-bench"))
+
+
+async def main_async(args: argparse.Namespace, results: dict[str, Any], stack: Any) -> None:
     from bench import coldstart, gate, holds, live, replay, worker
-    from bench.stack import Stack
 
     only = set(args.only.split(",")) if args.only else set(PHASES)
     quick = args.quick
-    workdir = Path(os.environ.get("SPENDGATE_BENCH_DIR", "/tmp/spendgate-bench"))
+    workdir = WORKDIR
     keys, teams, orgs = (20_000, 200, 10) if quick else (100_000, 1_000, 10)
     if "micro" in only:
         results["micro"] = micro(quick)
-    stack = Stack(workdir)
     try:
         stack.start()
         log(f"stack: broker {stack.bootstrap}, postgres {stack.database_url}")
@@ -97,6 +109,7 @@ async def main_async(args: argparse.Namespace, results: dict[str, Any]) -> None:
             try:
                 results["gate"] = gate.run_gate(stack, servers, workdir, keys, quick)
                 results["gate"]["profile"] = profile_gate(stack, servers["spendgate"], workdir, quick)
+                results["gate"]["load_avg_after"] = os.getloadavg()
             finally:
                 for s in servers.values():
                     stack.stop_child(s.proc, 10)
@@ -109,6 +122,7 @@ async def main_async(args: argparse.Namespace, results: dict[str, Any]) -> None:
             results["cold_api"] = coldstart.api_cold_start(stack, "gate.", 2 if quick else 3)
         if "worker" in only:
             results["worker"] = await worker.run_worker_bench(stack, workdir, quick)
+            results["worker"]["load_avg_after"] = os.getloadavg()
         if "replay" in only:
             results["replay"] = await replay.run_replay_bench(stack, workdir, quick)
         if only & {"enforce", "overshoot"}:
@@ -193,21 +207,44 @@ def main() -> None:
     parser.add_argument("--enforce-rate", type=float, default=50.0,
                         help="background events/s during the enforcement-delay trials (default 50)")
     parser.add_argument("--out", default=str(ROOT), help="where BENCHMARKS.md/.json go")
+    parser.add_argument("--kafka", choices=("embedded", "real"), default="embedded",
+                        help="broker: embedded Tansu (default) or a real 3-broker Apache Kafka cluster "
+                             f"(phases {','.join(KAFKA_PHASES)} only; needs java and mvn)")
     args = parser.parse_args()
+    if args.kafka == "real":
+        args.only = args.only or ",".join(KAFKA_PHASES)
+        if not set(args.only.split(",")) <= set(KAFKA_PHASES):
+            parser.error(f"--kafka real runs only {','.join(KAFKA_PHASES)}")
     started = time.monotonic()
     results: dict[str, Any] = {"machine": machine(), "command": " ".join(["python -m bench", *sys.argv[1:]]),
                                "quick": args.quick, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     code = 0
+    from bench.stack import Stack
+
+    stack = Stack(WORKDIR, kafka=args.kafka)
     try:
-        asyncio.run(main_async(args, results))
+        if args.kafka == "real":
+            stack.start_kafka_cluster()
+            log(f"kafka: 3 brokers at {stack.broker.bootstrap}")  # type: ignore[attr-defined]
+        asyncio.run(main_async(args, results, stack))
     except BaseException as exc:  # noqa: BLE001 - partial numbers are still written
         results["error"] = "".join(traceback.format_exception(exc))[-4000:]
         log(f"FAILED: {exc!r}")
         code = 1
+    finally:
+        if stack.broker is not None and args.kafka == "real":
+            stack.broker.stop()  # type: ignore[attr-defined]  # idempotent; main_async stops it too
     elapsed = results["elapsed_s"] = time.monotonic() - started
+    results["machine"]["load_avg_at_end"] = os.getloadavg()
     out = Path(args.out)
-    if args.only and (out / "BENCHMARKS.json").exists():
-        results = merged(json.loads((out / "BENCHMARKS.json").read_text()), results, args.only.split(","))
+    phases = args.only.split(",") if args.only else []
+    if args.kafka == "real":
+        for key in KAFKA_SUFFIXED:
+            if key in results:
+                results[f"{key}_kafka"] = results.pop(key)
+        phases = [f"{p}@kafka" for p in phases]
+    if phases and (out / "BENCHMARKS.json").exists():
+        results = merged(json.loads((out / "BENCHMARKS.json").read_text()), results, phases)
     (out / "BENCHMARKS.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     (out / "BENCHMARKS.md").write_text(report.markdown(results))
     log(f"wrote {out / 'BENCHMARKS.md'} and BENCHMARKS.json in {elapsed:.0f}s")

@@ -357,6 +357,8 @@ def markdown(res: dict[str, Any]) -> str:
                         f"{wr['same_api_first_check_denied']} of {wr['trials']}",
                         wr["same_api_first_check_denied"] == wr["trials"]))
 
+    L += _real_kafka(res)
+
     from bench.dashboard import section as dashboard_section
 
     L += dashboard_section(res)
@@ -431,6 +433,65 @@ def _litellm(lt: dict[str, Any], targets: list[tuple[str, str, str, bool | None]
                  f"{c['seconds']:.1f} s = **{c['events_per_s']:,.0f} events/s** ({c['retries']} retries).\n")
     targets.append(("LiteLLM callback overhead (p50)", "≤ 1 ms", f"{lt['added_p50_ms']:+.1f} ms",
                     lt["added_p50_ms"] <= 1.0))
+    return L
+
+
+
+def _load(x: Any) -> str:
+    return ", ".join(f"{v:.2f}" for v in x) if x else "n/a"
+
+
+def _real_kafka(res: dict[str, Any]) -> list[str]:
+    """Worker throughput and gate latency on the 3-broker Apache Kafka cluster beside the embedded figures."""
+    gk, wk = res.get("gate_kafka"), res.get("worker_kafka")
+    if not gk and not wk:
+        return []
+    run = next((u for u in reversed(res.get("updates", [])) if any("@kafka" in p for p in u["phases"])), None)
+    L = ["## Real Apache Kafka: 3 KRaft brokers (sections 1 and 2 again)\n"]
+    if run:
+        m = run["machine"]
+        L.append(f"`{run['command']}`, started {run['started_at']} ({run['elapsed_s']:.0f} s); load average at start "
+                 f"{_load(m.get('load_avg_at_start'))}, at end {_load(m.get('load_avg_at_end'))} (shared box). ")
+    L.append("Same phases and data as sections 1 and 2, but the broker is `spendgate.adapters.kafka_cluster`: three "
+             "Apache Kafka 4.1 JVMs (broker + controller each, 384 MiB heap) on this machine, every topic RF 3 and "
+             "`min.insync.replicas=2` (the worker's changelogs too), producers `acks=all`. The embedded column is the "
+             "run of sections 1 and 2 (Tansu, in memory, one process): a different run, possibly under other load.\n")
+    L.append("| metric | embedded (Tansu) | real Kafka (3 brokers, RF 3) | real / embedded |")
+    L.append("|---|---|---|---|")
+    we = res.get("worker") or {}
+    if wk:
+        for n in ("1", "2"):
+            a, b = (we.get(f"workers_{n}") or {}).get("rate_processing"), (wk.get(f"workers_{n}") or {}).get("rate_processing")
+            L.append(f"| worker, {n} process{'es' if n == '2' else ''}: events/s processing | {_m(a, 0)} | {_m(b, 0)} | "
+                     f"{_r(b, a)} |")
+            a, b = (we.get(f"workers_{n}") or {}).get("first_output_s"), (wk.get(f"workers_{n}") or {}).get("first_output_s")
+            L.append(f"| worker, {n} process{'es' if n == '2' else ''}: first output after spawn s | {_m(a, 1)} | "
+                     f"{_m(b, 1)} | {_r(b, a)} |")
+        a, b = (we.get("baseline") or {}).get("rate_processing"), (wk.get("baseline") or {}).get("rate_processing")
+        L.append(f"| baseline: aiokafka consumer + orjson.loads, events/s | {_m(a, 0)} | {_m(b, 0)} | {_r(b, a)} |")
+    ge = res.get("gate") or {}
+    if gk:
+        for rate in gk.get("rates", {}):
+            for q in ("p50", "p99"):
+                a = ge.get("rates", {}).get(rate, {}).get("spendgate", {}).get(q)
+                b = gk["rates"][rate]["spendgate"][q]
+                L.append(f"| gate {q} ms at {rate} checks/s | {_m(a)} | {_m(b)} | {_r(b, a)} |")
+        a, b = ge.get("max_sustainable", {}).get("spendgate"), gk.get("max_sustainable", {}).get("spendgate")
+        L.append(f"| gate: max checks/s with p99 < 5 ms | {_m(a, 0)} | {_m(b, 0)} | {_r(b, a)} |")
+        for rate in gk.get("rates", {}):  # the bare ASGI app in the same run: how loaded the box was
+            a = ge.get("rates", {}).get(rate, {}).get("floor", {}).get("p99")
+            b = gk["rates"][rate]["floor"]["p99"]
+            L.append(f"| *floor* (bare ASGI app, no broker) p99 ms at {rate}/s | {_m(a)} | {_m(b)} | {_r(b, a)} |")
+        non_2xx = sum(per["spendgate"]["non_2xx"] for per in gk.get("rates", {}).values())
+        L.append(f"\nGate on real Kafka: {non_2xx} non-2xx answers at the fixed rates. The gate answers from memory "
+                 "(its followers of `spend.state`/`spend.config`), so the broker matters at start-up and for "
+                 "freshness, not per check.")
+    if res.get("kafka_note"):
+        L.append(f"\n{res['kafka_note']}")
+    if wk:
+        L.append(f"Worker on real Kafka: {wk['events_per_run']:,} events per run, {wk['reps']} runs each, fresh topics "
+                 "per run; every state/decision/changelog write waits for 2 of 3 replicas.")
+    L.append("")
     return L
 
 

@@ -1,4 +1,5 @@
-"""The embedded stack the benchmarks run against: Tansu + Postgres, and spendgate services as children.
+"""The stack the benchmarks run against: Tansu (or, with ``--kafka real``, a 3-broker Apache Kafka
+cluster) + Postgres, and spendgate services as children.
 
 Everything started here is stopped by pid (process groups of our own children only).
 """
@@ -31,6 +32,9 @@ PYTHON = sys.executable
 @dataclass
 class Stack:
     workdir: Path
+    #: "embedded" (Tansu, one in-memory broker) or "real" (3 KRaft Apache Kafka brokers,
+    #: ``spendgate.adapters.kafka_cluster``: RF 3, min ISR 2 on every topic incl. changelogs)
+    kafka: str = "embedded"
     broker: object = None
     pg: object = None
     bootstrap: str = ""
@@ -41,7 +45,11 @@ class Stack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         logs = self.workdir / "logs"
         logs.mkdir(exist_ok=True)
-        self.broker = start_broker(free_port(), logs / "broker.log")
+        if self.kafka == "real":
+            if self.broker is None:  # started by start_kafka_cluster(), outside the event loop
+                raise RuntimeError("--kafka real: call Stack.start_kafka_cluster() before the event loop")
+        else:
+            self.broker = start_broker(free_port(), logs / "broker.log")
         self.bootstrap = self.broker.bootstrap  # type: ignore[attr-defined]
         pgdata = self.workdir / "pg"
         if pgdata.exists():
@@ -49,6 +57,18 @@ class Stack:
         self.pg = start_postgres(pgdata, free_port(), logs / "postgres.log", durable=False)
         self.database_url = self.pg.create_database("spendgate")  # type: ignore[attr-defined]
         apply_migrations(self.database_url)
+
+    def start_kafka_cluster(self) -> None:
+        """Start the 3-broker cluster (``--kafka real``). Call from the main thread, outside an
+        event loop: it waits with ``asyncio.run``, and its JVMs die with the thread that started
+        them (so not from a worker thread)."""
+        from spendgate.adapters.kafka_cluster import KafkaCluster
+
+        kafka_dir = self.workdir / "kafka"
+        if kafka_dir.exists():
+            shutil.rmtree(kafka_dir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.broker = KafkaCluster(kafka_dir).start()
 
     def start_redis(self) -> None:
         """The Redis baseline's server on 127.0.0.1:6379 (Debian's ``redis-server``), unless one answers.
@@ -76,7 +96,13 @@ class Stack:
             data_dir=self.workdir / "data",
             admin_token=ADMIN_TOKEN,
             dev=True,
+            replication_factor=self.replication_factor,
         )
+
+    @property
+    def replication_factor(self) -> int:
+        """Of the worker's changelogs: 3 on the real cluster (its topics get 3 from the broker count)."""
+        return 3 if self.kafka == "real" else 1
 
     async def topics(self, prefix: str) -> Settings:
         s = self.settings(prefix)
@@ -89,6 +115,7 @@ class Stack:
             SPENDGATE_KAFKA_BOOTSTRAP=self.bootstrap,
             SPENDGATE_TOPIC_PREFIX=prefix,
             SPENDGATE_PARTITIONS="8",
+            SPENDGATE_REPLICATION_FACTOR=str(self.replication_factor),
             SPENDGATE_DATABASE_URL=self.database_url,
             SPENDGATE_DATA_DIR=str(self.workdir / "data"),
             SPENDGATE_DEV="true",

@@ -234,7 +234,8 @@ def settings_factory(
     yield make
     # Real Kafka keeps every partition's files and replicas: drop this test's topics (and the
     # worker's changelogs, named after its prefix) so a long run stays small. Not on Tansu.
-    if REAL_KAFKA and prefixes:
+    # SPENDGATE_TEST_KEEP_TOPICS=1 keeps them, to read offsets after a failed run.
+    if REAL_KAFKA and prefixes and os.environ.get("SPENDGATE_TEST_KEEP_TOPICS") != "1":
         # own thread and loop: leaves pytest-asyncio's session loop alone
         cleanup = threading.Thread(target=asyncio.run, args=(_delete_topics_with(kafka_bootstrap, prefixes),))
         cleanup.start()

@@ -82,6 +82,40 @@ async def eventually(check: Callable[[], Awaitable[T]], *, timeout: float = 30.0
         await asyncio.sleep(interval)
 
 
+async def group_offsets(settings: Settings, short_topics: Iterable[str] = ("usage", "worker.deltas")) -> str:
+    """The worker group's committed offset beside each partition's high watermark, one line per
+    topic (``p0 120/120``; ``!`` marks a partition committed short of its end). For failure
+    messages: tells "events never consumed" from "consumed but not counted"."""
+    group = f"w-{settings.topic_prefix.strip('.')}"
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap, group_id=group, enable_auto_commit=False
+    )
+    lines = []
+    try:
+        await asyncio.wait_for(consumer.start(), 15)
+        for short in short_topics:
+            topic = settings.topic(short)
+            ends = await asyncio.wait_for(fetch_high_watermarks(settings.kafka_bootstrap, topic), 15)
+            parts = []
+            for p, end in sorted(ends.items()):
+                committed = await asyncio.wait_for(consumer.committed(TopicPartition(topic, p)), 15)
+                parts.append(f"p{p} {committed}/{end}{'!' if (committed or 0) < end else ''}")
+            lines.append(f"{short}: committed/end {' '.join(parts)}")
+    except Exception as exc:  # noqa: BLE001 - a diagnostic must not hide the failure it explains
+        lines.append(f"(no offsets: {exc!r})")
+    finally:
+        await consumer.stop()
+    return "; ".join(lines)
+
+
+async def assert_consumed(
+    settings: Settings, short_topics: Iterable[str] = ("usage", "worker.deltas")
+) -> None:
+    """The worker group committed every offset of ``short_topics`` (raises AssertionError)."""
+    report = await group_offsets(settings, short_topics)
+    assert "!" not in report and "no offsets" not in report, report
+
+
 def service_env(settings: Settings, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPENDGATE_")}
     env.update(

@@ -22,7 +22,15 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
-from tests.kafka_helpers import ServiceProcess, eventually, latest, produce, read_all, running_services
+from tests.kafka_helpers import (
+    ServiceProcess,
+    eventually,
+    group_offsets,
+    latest,
+    produce,
+    read_all,
+    running_services,
+)
 
 from spendgate.domain.gate_state import provenance_order
 from spendgate.settings import Settings
@@ -184,7 +192,12 @@ async def test_scaling_out_and_in_under_load_never_rolls_a_scope_back(
             started = time.monotonic()
             await asyncio.sleep(STEP_S)
             floor = load.org_snapshot()
-            await eventually(lambda: counted_at_least(settings, floor), timeout=STEP_TIMEOUT_S, interval=0.5)
+            try:
+                await eventually(
+                    lambda: counted_at_least(settings, floor), timeout=STEP_TIMEOUT_S, interval=0.5
+                )
+            except AssertionError as exc:
+                raise AssertionError(f"{label}: {exc}\n{await group_offsets(settings)}") from None
             changes.append((label, time.monotonic() - started))
 
         producing = asyncio.create_task(load.run())
@@ -208,7 +221,10 @@ async def test_scaling_out_and_in_under_load_never_rolls_a_scope_back(
             wrong = {s: pair for s, pair in wrong.items() if pair[0] != pair[1]}
             assert not wrong, f"{len(wrong)} scopes differ, e.g. {list(wrong.items())[:3]}"
 
-        await eventually(all_exact, timeout=60, interval=1.0)
+        try:
+            await eventually(all_exact, timeout=60, interval=1.0)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{await group_offsets(settings)}") from None
 
     states = await read_all(settings, "state")
     decisions = await read_all(settings, "decisions")

@@ -22,7 +22,7 @@ from tests.integration.test_worker import (
     register,
     totals_from_state,
 )
-from tests.kafka_helpers import ServiceProcess, eventually, latest, produce, running_services
+from tests.kafka_helpers import ServiceProcess, eventually, group_offsets, latest, produce, running_services
 
 from spendgate.settings import Settings
 
@@ -62,7 +62,11 @@ def mark_dirty(path: Path) -> None:
 async def assert_exact(settings: Settings, expected: dict, worker: ServiceProcess) -> None:
     totals = totals_from_state(await latest(settings, "state"))
     wrong = {s: (totals.get(s), v) for s, v in expected.items() if totals.get(s) != v}
-    assert not wrong, f"{len(wrong)} scopes differ, e.g. {list(wrong.items())[:3]}\n{worker.log()}"
+    if wrong:
+        offsets = await group_offsets(settings)
+        raise AssertionError(
+            f"{len(wrong)} scopes differ, e.g. {list(wrong.items())[:3]}\n{offsets}\n{worker.log()}"
+        )
 
 
 async def test_rocksdb_events_fan_out_with_exact_sums(settings_factory, rocks_worker, tmp_path: Path) -> None:

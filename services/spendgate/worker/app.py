@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import os
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
@@ -218,9 +220,11 @@ class Worker(Outputs):
         partition that left and came back, or one held across a session this worker lost, may
         have been written by another owner in between, so nothing in memory from the previous
         generation is trusted. Ledgers reload from the (recovered) table; decisions go out again
-        for every budgeted owned scope, as after a restart; dirty/due/source bookkeeping and
-        alert memory of scopes in partitions no longer owned are dropped, so nothing is ever
-        published about them (they would be judged by an empty ledger: issue 19).
+        for every budgeted owned scope, as after a restart, and the state of every loaded scope
+        is published again (the last owner may not have published its last deltas);
+        dirty/due/source bookkeeping and alert memory of scopes in partitions no longer owned
+        are dropped, so nothing is ever published about them (they would be judged by an empty
+        ledger: issue 19).
 
         ``data.items()`` is every key of the memory store, or the keys of every active
         partition's RocksDB database; either way filtered by ``owned`` below.
@@ -245,6 +249,13 @@ class Worker(Outputs):
             return not self._owns(scope, owned)
 
         self.dirty = {scope: source for scope, source in self.dirty.items() if not lost(scope)}
+        # Publish the state of every scope loaded, once: the previous owner may have counted
+        # deltas (their ledger writes acked) without publishing them yet -- its tick does not
+        # run while a rebalance is under way, and a SIGKILL stops it altogether -- and without a
+        # new delta for the scope nobody would ever publish them (issue 13: totals short on
+        # Kafka, both workers idle).
+        for scope in self.ledgers:
+            self.dirty.setdefault(scope, None)
         self.sources = {scope: source for scope, source in self.sources.items() if not lost(scope)}
         self.due = [(at, scope) for at, scope in self.due if not lost(scope)]
         self.hold_due = {}
@@ -259,6 +270,14 @@ class Worker(Outputs):
                 self.due.append((now, scope))
         heapq.heapify(self.due)
         self.ledgers_built_for = (generation, owned)
+        log.info(
+            "ledgers loaded for generation %s, partitions %s: %d scopes (rebalancing %s, in recovery %s)",
+            generation,
+            sorted(owned),
+            len(self.ledgers),
+            self.app.rebalancing,
+            getattr(self.app, "in_recovery", None),
+        )
 
     def ensure_ledgers(self, *, recovered: bool = False) -> None:
         """Load the ledgers of this generation once its recovery is over.
@@ -325,6 +344,45 @@ class Worker(Outputs):
         await self._publish([(scope, self.sources[scope]) for scope in touched if scope in budgets], now)
 
 
+#: Exit status of a worker whose batch failed (``run_batch``).
+EXIT_BATCH_FAILED = 70
+
+
+async def run_batch(
+    stage: str, process: Callable[[Sequence[faust.EventT]], Awaitable[None]], events: Sequence[faust.EventT]
+) -> None:
+    """``await process(events)``; if it raises, end the process at once (status 70).
+
+    Why: Faust's ``take_events`` acknowledges a batch in a ``finally`` when the generator is
+    closed, and it is closed when the agent body raises: Faust then restarts the agent and the
+    failed batch's offsets are committed with the next commit, so its events are never counted
+    (measured: a batch that raised had its 5 offsets committed; FAUST-NOTES.md). A batch fails
+    when a write cannot be made durable (a producer batch expired without a leader, a
+    non-retriable send error). Exiting with ``os._exit`` runs no ``finally``, ack or commit:
+    the group (this process restarted by its supervisor, or the other workers) re-reads the
+    batch from the committed offsets, and stage A and stage B are idempotent on replay.
+    """
+    try:
+        await process(events)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        offsets: dict[int, list[int]] = {}
+        for event in events:
+            offsets.setdefault(event.message.partition, []).append(event.message.offset)
+        log.critical(
+            "%s: a batch failed (partition: first..last offset %s); exiting without acknowledging it, "
+            "so it is read again from the committed offsets",
+            stage,
+            {p: f"{min(o)}..{max(o)}" for p, o in sorted(offsets.items())},
+            exc_info=True,
+        )
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_BATCH_FAILED)
+
+
 def build(settings: Settings) -> tuple[faust.App, Worker]:
     app = make_app(settings)
     worker = Worker(settings, app)
@@ -334,14 +392,14 @@ def build(settings: Settings) -> tuple[faust.App, Worker]:
         await worker.config_ready.wait()
         async for events in stream.take_events(INGEST_BATCH, within=INGEST_WITHIN_S):  # type: ignore[attr-defined]
             started = time.perf_counter()
-            await worker.ingest(events)
+            await run_batch("ingest", worker.ingest, events)
             metrics.BATCH_SECONDS.labels(stage="ingest").observe(time.perf_counter() - started)
 
     @app.agent(worker.deltas, name="aggregate")
     async def aggregate(stream: faust.StreamT) -> None:
         async for events in stream.take_events(AGGREGATE_BATCH, within=AGGREGATE_WITHIN_S):  # type: ignore[attr-defined]
             started = time.perf_counter()
-            await worker.aggregate(events)
+            await run_batch("aggregate", worker.aggregate, events)
             metrics.BATCH_SECONDS.labels(stage="aggregate").observe(time.perf_counter() - started)
 
     @app.page("/metrics")
