@@ -27,6 +27,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, NodeNotReadyError, RequestTimedOutError
+from aiokafka.protocol.metadata import MetadataRequest
 
 from spendgate.settings import Settings
 
@@ -161,15 +162,46 @@ async def ensure_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[
                 message = rest[0] if rest else ""
                 raise KafkaUnavailable(f"creating topic {topic} failed: {error_code} {message}")
         await _wait_until_listed(admin, created, settings.partitions, deadline)
+        await _wait_until_every_broker_lists(admin, list(names), deadline)
         await _warn_on_partition_mismatch(admin, settings, [n for n in names if n not in created])
         await probe_idempotence(settings.kafka_bootstrap, timeout_s=timeout_s)
         return sorted(created)
     except (KafkaError, TimeoutError, OSError) as exc:
-        raise KafkaUnavailable(
-            f"Kafka at {settings.kafka_bootstrap} did not answer: {exc!r}"
-        ) from exc
+        raise KafkaUnavailable(f"Kafka at {settings.kafka_bootstrap} did not answer: {exc!r}") from exc
     finally:
         await admin.close()
+
+
+async def _wait_until_every_broker_lists(
+    admin: AIOKafkaAdminClient, topics: list[str], deadline: float
+) -> None:
+    """Return once every broker that answers lists each of ``topics`` with a leader for every
+    partition. A client sends its first request for a topic to any broker; on Apache Kafka a
+    broker whose metadata lags answers "unknown topic" for a while after another one listed it
+    (and after another process created it). A broker that does not answer is left out: it is
+    down, and clients will not be sent to it."""
+    client = admin._client  # noqa: SLF001 - aiokafka's admin has no per-broker metadata call
+    request = MetadataRequest(list(topics), allow_auto_topic_creation=False)
+    while True:
+        lagging: dict[int, list[str]] = {}
+        for broker in sorted(client.cluster.brokers(), key=lambda b: b.nodeId):
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                response = await asyncio.wait_for(client.send(broker.nodeId, request), remaining)
+            except (KafkaError, OSError, TimeoutError):
+                continue
+            listed = {
+                t["topic"]
+                for t in response.to_object()["topics"]
+                if t["error_code"] == 0 and t["partitions"] and all(p["leader"] >= 0 for p in t["partitions"])
+            }
+            if missing := sorted(set(topics) - listed):
+                lagging[broker.nodeId] = missing
+        if not lagging:
+            return
+        if time.monotonic() >= deadline:
+            raise KafkaUnavailable(f"brokers {sorted(lagging)} do not list topics {lagging} in time")
+        await asyncio.sleep(0.1)
 
 
 async def _wait_until_listed(
@@ -340,9 +372,7 @@ def consumer(settings: Settings, *topics: str, **overrides: Any) -> AIOKafkaCons
     return AIOKafkaConsumer(*topics, **options)
 
 
-async def fetch_high_watermarks(
-    bootstrap: str, topic: str, *, timeout_s: float = 15.0
-) -> dict[int, int]:
+async def fetch_high_watermarks(bootstrap: str, topic: str, *, timeout_s: float = 15.0) -> dict[int, int]:
     """The true end offset (next offset to be written) of every partition of ``topic``.
 
     Reads the high watermark of a Fetch response, never ListOffsets (wrong on Tansu: it says
