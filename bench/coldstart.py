@@ -135,7 +135,7 @@ async def worker_cold_start(stack: Stack, prefix: str, scopes: int, buckets: int
 
 async def _wait_state_after(stack: Stack, topic: str, scope: bytes, timeout_s: float) -> float:
     """The time of the first record of ``scope`` appended after now."""
-    from spendgate.adapters.kafka import fetch_high_watermarks
+    from spendgate.adapters.watermarks import fetch_high_watermarks
 
     ends = await fetch_high_watermarks(stack.bootstrap, topic)
     p = partition_of(scope.decode(), 8)

@@ -11,9 +11,8 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from spendgate.adapters.kafka import fetch_high_watermarks
+from spendgate.adapters.watermarks import fetch_high_watermarks
 from spendgate.domain.money import parse_usd
-from spendgate.settings import Settings
 
 Record = tuple[bytes | None, bytes | None]
 

@@ -27,8 +27,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from bench import data
 from bench.common import log, summary
 from bench.stack import PYTHON, Stack
-from spendgate.adapters.kafka import fetch_high_watermarks
 from spendgate.accounting.ledgers import partition_of
+from spendgate.adapters.watermarks import fetch_high_watermarks
 
 PREFIX = "rebal."
 PARTITIONS = 8

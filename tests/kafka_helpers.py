@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from spendgate.adapters.kafka import fetch_high_watermarks
+from spendgate.adapters.watermarks import fetch_high_watermarks
 from spendgate.settings import Settings
 
 T = TypeVar("T")

@@ -17,7 +17,7 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from spendgate.adapters import kafka
+from spendgate.adapters import kafka, watermarks
 from spendgate.adapters.embedded import PortInUse, free_port, port_in_use, start_broker
 from spendgate.adapters.follower import TopicFollower
 from spendgate.settings import Settings
@@ -78,7 +78,7 @@ async def test_high_watermark_counts_every_record_of_a_batch(
     finally:
         await producer.stop()
 
-    assert await kafka.fetch_high_watermarks(settings.kafka_bootstrap, topic) == {0: 0, 1: 5}
+    assert await watermarks.fetch_high_watermarks(settings.kafka_bootstrap, topic) == {0: 0, 1: 5}
 
     # What ListOffsets says, for the record: Tansu answers 1 (last batch base + 1).
     consumer = kafka.consumer(settings)
@@ -103,13 +103,13 @@ async def test_high_watermark_after_several_batches(settings_factory: SettingsFa
             await (await producer.send_batch(batch, topic, partition=0))
     finally:
         await producer.stop()
-    assert await kafka.fetch_high_watermarks(settings.kafka_bootstrap, topic) == {0: 8}
+    assert await watermarks.fetch_high_watermarks(settings.kafka_bootstrap, topic) == {0: 8}
 
 
 async def test_high_watermark_of_unknown_topic_raises(settings_factory: SettingsFactory) -> None:
     settings = await settings_factory(database_url="")
     with pytest.raises(kafka.KafkaUnavailable, match="does not exist"):
-        await kafka.fetch_high_watermarks(settings.kafka_bootstrap, "no-such-topic-here", timeout_s=1.0)
+        await watermarks.fetch_high_watermarks(settings.kafka_bootstrap, "no-such-topic-here", timeout_s=1.0)
 
 
 @pytest.mark.broker_agnostic
@@ -186,7 +186,7 @@ async def test_probe_sees_every_record_of_a_batch_and_follows_new_ones(
     """The read-your-writes probe agrees with the Fetch high watermark, call after call."""
     settings = await settings_factory(database_url="", partitions=2)
     topic = kafka.topic_name(settings, "config")
-    probe = kafka.HighWatermarkProbe(settings.kafka_bootstrap)
+    probe = watermarks.HighWatermarkProbe(settings.kafka_bootstrap)
     producer = kafka.producer(settings)
     await producer.start()
     try:
@@ -198,14 +198,14 @@ async def test_probe_sees_every_record_of_a_batch_and_follows_new_ones(
         assert await probe.high_watermarks(topic) == {0: 0, 1: 5}
         await producer.send_and_wait(topic, b"{}", key=b"k", partition=0)
         assert await probe.high_watermarks(topic) == {0: 1, 1: 5}
-        assert await kafka.fetch_high_watermarks(settings.kafka_bootstrap, topic) == {0: 1, 1: 5}
+        assert await watermarks.fetch_high_watermarks(settings.kafka_bootstrap, topic) == {0: 1, 1: 5}
     finally:
         await producer.stop()
         await probe.close()
 
 
 async def test_probe_of_a_broker_that_is_not_there_gives_up_within_its_bound() -> None:
-    probe = kafka.HighWatermarkProbe(f"127.0.0.1:{free_port()}")
+    probe = watermarks.HighWatermarkProbe(f"127.0.0.1:{free_port()}")
     started = time.monotonic()
     try:
         with pytest.raises(kafka.KafkaUnavailable):
@@ -222,7 +222,7 @@ async def test_follower_reach_waits_for_the_records_below_the_given_ends(
     topic = kafka.topic_name(settings, "config")
     seen: list[str] = []
     follower = TopicFollower(settings.kafka_bootstrap, {topic: lambda key, *_: seen.append(key or "")})
-    probe = kafka.HighWatermarkProbe(settings.kafka_bootstrap)
+    probe = watermarks.HighWatermarkProbe(settings.kafka_bootstrap)
     producer = kafka.producer(settings)
     await producer.start()
     await follower.start()

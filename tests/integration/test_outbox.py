@@ -11,7 +11,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from psycopg_pool import AsyncConnectionPool
 
-from spendgate.adapters.kafka import fetch_high_watermarks
+from spendgate.adapters.watermarks import fetch_high_watermarks
 from spendgate.control.service import ControlService
 from spendgate.domain.authority import Principal, Role
 from spendgate.domain.budgets import parse_budget

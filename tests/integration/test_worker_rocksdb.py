@@ -146,7 +146,7 @@ async def _consumed_all(settings: Settings, worker: ServiceProcess) -> None:
     """The worker group committed every usage offset (so every duplicate was planned)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from spendgate.adapters.kafka import fetch_high_watermarks
+    from spendgate.adapters.watermarks import fetch_high_watermarks
 
     topic = settings.topic("usage")
     ends = await fetch_high_watermarks(settings.kafka_bootstrap, topic)

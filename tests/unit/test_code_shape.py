@@ -21,9 +21,8 @@ OVER: dict[str, int] = {
     "accounting/ingest.py::plan_batch": 64,
     "accounting/usage.py::_fast": 61,
     "domain/ledger.py::apply": 68,
-    # to split: Kafka clients, topics and probes; the test cluster; Faust wiring
+    # to split: the embedded processes, the test cluster, Faust wiring
     "adapters/embedded.py": 409,
-    "adapters/kafka.py": 563,
     "adapters/kafka_cluster.py": 453,
     "worker/app.py": 414,
     "worker/app.py::_rebuild_ledgers": 65,

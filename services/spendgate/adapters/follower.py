@@ -5,7 +5,7 @@ by the worker to follow ``spend.config``. No consumer group: every process reads
 partition (any API instance serves any scope; every worker needs the whole registry).
 
 1. At start it takes the true end of every partition from the high watermark of a Fetch
-   (``adapters.kafka.fetch_high_watermarks``; never ``end_offsets()``, which under-reports on
+   (``adapters.watermarks.fetch_high_watermarks``; never ``end_offsets()``, which under-reports on
    Tansu, see docs/BROKER-NOTES.md) and seeks every partition to its beginning.
 2. It is ``ready`` once every partition's position has reached that start-time end: everything
    present at start has been applied. Readiness never goes back to False.
@@ -39,7 +39,8 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from spendgate.adapters.kafka import CLIENT_SETTINGS, KafkaUnavailable, fetch_high_watermarks, security_for
+from spendgate.adapters.kafka import CLIENT_SETTINGS, KafkaUnavailable, security_for
+from spendgate.adapters.watermarks import fetch_high_watermarks
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from psycopg_pool import AsyncConnectionPool
 
-from spendgate.adapters import kafka
+from spendgate.adapters import kafka, watermarks
 from spendgate.adapters.follower import Handler, TopicFollower
 from spendgate.adapters.usage_producer import UsageProducer
 from spendgate.api import check, events, health, spend, webhooks
@@ -89,7 +89,7 @@ class _Parts:
     gate: Gate
     producer: UsageProducer
     holds: Holds
-    probe: kafka.HighWatermarkProbe
+    probe: watermarks.HighWatermarkProbe
     dashboard: Dashboard
     pool: AsyncConnectionPool | None = None
     control: ControlService | None = None
@@ -149,7 +149,7 @@ def _gate_parts(settings: Settings, follower: TopicFollower | None) -> _Parts:
     )
     holds = Holds(HoldAppender(lambda: kafka.producer(settings), settings.topic("usage"), state), producer)
     gate.holds = holds
-    probe = kafka.HighWatermarkProbe(settings.kafka_bootstrap, client_id="spendgate-api-watermarks")
+    probe = watermarks.HighWatermarkProbe(settings.kafka_bootstrap, client_id="spendgate-api-watermarks")
     dashboard = Dashboard(state, history, lambda: gate_health(gate), gate.clock)
     return _Parts(settings, metrics, tokens, state, the_follower, gate, producer, holds, probe, dashboard)
 

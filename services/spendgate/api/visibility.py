@@ -20,7 +20,8 @@ from __future__ import annotations
 import time
 
 from spendgate.adapters.follower import TopicFollower
-from spendgate.adapters.kafka import HighWatermarkProbe, KafkaUnavailable
+from spendgate.adapters.kafka import KafkaUnavailable
+from spendgate.adapters.watermarks import HighWatermarkProbe
 from spendgate.api.errors import NotYetVisible
 from spendgate.store.outbox import OutboxRelay
 

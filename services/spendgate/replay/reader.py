@@ -9,7 +9,8 @@ import orjson
 from aiokafka import TopicPartition
 
 from spendgate.accounting.ingest import RawRecord
-from spendgate.adapters.kafka import consumer, fetch_high_watermarks
+from spendgate.adapters.kafka import consumer
+from spendgate.adapters.watermarks import fetch_high_watermarks
 from spendgate.analysis import Rebuild
 from spendgate.domain.gate_state import state_supersedes
 from spendgate.domain.registry import RegistryView

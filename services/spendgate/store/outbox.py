@@ -29,7 +29,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from psycopg_pool import AsyncConnectionPool
 
-from spendgate.adapters.kafka import fetch_high_watermarks, idempotence_supported, security_for
+from spendgate.adapters.kafka import idempotence_supported, security_for
+from spendgate.adapters.watermarks import fetch_high_watermarks
 from spendgate.store.control import snapshot
 from spendgate.store.pool import guard
 

@@ -7,7 +7,8 @@ import gc
 import logging
 
 from spendgate.adapters.follower import TopicFollower
-from spendgate.adapters.kafka import HighWatermarkProbe, KafkaUnavailable, ensure_topics
+from spendgate.adapters.kafka import KafkaUnavailable, ensure_topics
+from spendgate.adapters.watermarks import HighWatermarkProbe
 from spendgate.records import Source
 from spendgate.settings import Settings
 
