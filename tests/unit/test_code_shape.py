@@ -26,7 +26,6 @@ OVER: dict[str, int] = {
     "adapters/kafka_cluster.py": 453,
     "worker/app.py": 414,
     "worker/app.py::_rebuild_ledgers": 65,
-    "worker/faust_app.py": 527,
     "worker/faust_app.py::make_app": 77,
 }
 

@@ -16,7 +16,8 @@ from aiokafka.structs import RecordMetadata, TopicPartition
 pytest.importorskip("rocksdict")
 
 from spendgate.settings import Settings  # noqa: E402
-from spendgate.worker.faust_app import get_in_partition, in_partition, items_in_partition, make_app  # noqa: E402
+from spendgate.worker.faust_app import make_app  # noqa: E402
+from spendgate.worker.partitions import get_in_partition, in_partition, items_in_partition  # noqa: E402
 from spendgate.worker.rocks_store import DIRTY_KEY, Store  # noqa: E402
 
 

@@ -41,17 +41,16 @@ from spendgate.domain.registry import ConfigChange, RegistryView
 from spendgate.records import Source
 from spendgate.settings import Settings
 from spendgate.worker import metrics
-from spendgate.worker.faust_app import (
+from spendgate.worker.faust_app import make_app
+from spendgate.worker.outputs import Outputs
+from spendgate.worker.partitions import (
     assigned_partitions,
-    flush,
     get_in_partition,
     items_in_partition,
-    make_app,
     partitions_ready,
-    send_many,
     write_in_partition,
 )
-from spendgate.worker.outputs import Outputs
+from spendgate.worker.sends import flush, send_many
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +140,7 @@ class Worker(Outputs):
         partitions = {r.partition for r in records}
         self._forget_seen_ids_after_a_rebalance()
         # Tables are read with an explicit partition (the keys' own), never through the
-        # current event: see faust_app.in_partition.
+        # current event: see worker.partitions.in_partition.
         for p in partitions:
             if not self.seen_ids.is_loaded(p):
                 self.seen_ids.load(p, items_in_partition(self.seen, p))

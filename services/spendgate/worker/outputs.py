@@ -25,7 +25,8 @@ from spendgate.domain.registry import RegistryView
 from spendgate.records import Source
 from spendgate.settings import Settings
 from spendgate.worker import metrics
-from spendgate.worker.faust_app import flush, partitions_ready, send_batches
+from spendgate.worker.partitions import partitions_ready
+from spendgate.worker.sends import flush, send_batches
 
 
 class Outputs:

@@ -11,7 +11,7 @@ Faust's ``faust.stores.rocksdb.Store`` keeps one RocksDB database per changelog 
 * recovery (``apply_changelog_batch``): each changelog record's own partition, then
   ``set_persisted_offset`` per partition; recovery later resumes after that offset.
 
-The worker reads and writes only through ``faust_app.get_in_partition`` /
+The worker reads and writes only through ``worker.partitions.get_in_partition`` /
 ``write_in_partition`` (which set the current event to the right partition), so the
 partition never comes from a stale event of a ``take_events`` batch.
 

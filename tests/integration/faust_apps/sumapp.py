@@ -17,14 +17,9 @@ import os
 import faust
 
 from spendgate.settings import Settings
-from spendgate.worker.faust_app import (
-    assigned_partitions,
-    flush,
-    group_by_partition,
-    make_app,
-    run_worker,
-    write_in_partition,
-)
+from spendgate.worker.faust_app import make_app, run_worker
+from spendgate.worker.partitions import assigned_partitions, group_by_partition, write_in_partition
+from spendgate.worker.sends import flush
 
 
 def build(settings: Settings, topic_name: str, *, fix: bool) -> faust.App:
