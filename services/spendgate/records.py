@@ -69,6 +69,7 @@ Usd = Annotated[
 Validation reads dollars (a decimal string, or a JSON number), so Python code building a
 record passes ``format_usd(nanos)``, never a bare int of nano-dollars."""
 
+
 def _id(value: str) -> str:
     try:
         return validate_id(value)
@@ -270,6 +271,14 @@ class BudgetRecord(_Config):
     scope: str
     limits: list[LimitBody] | None = None
     tz: str = "UTC"
+
+    def limits_json(self) -> list[dict[str, Any]] | None:
+        """The limits as a budget body writes them (no ``soft_usd`` when unset); ``None``: null."""
+        return (
+            None
+            if self.limits is None
+            else [lim.model_dump(mode="json", exclude_none=True) for lim in self.limits]
+        )
 
 
 class TokenRecord(_Config):

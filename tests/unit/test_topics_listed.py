@@ -64,3 +64,14 @@ async def test_gives_up_at_the_deadline_naming_the_broker_and_topic() -> None:
     admin = Admin()
     with pytest.raises(KafkaUnavailable, match=r"brokers \[1, 2\] do not list topics .*spend.other"):
         await _wait_until_every_broker_lists(admin, ["spend.other"], time.monotonic() + 0.3)  # type: ignore[arg-type]
+
+
+async def test_gives_up_when_no_broker_answers() -> None:
+    admin = Admin()
+
+    async def down(node: int, request: Any) -> Answer:
+        raise KafkaConnectionError("down")
+
+    admin._client.send = down  # type: ignore[method-assign]
+    with pytest.raises(KafkaUnavailable, match="no broker answered"):
+        await _wait_until_every_broker_lists(admin, ["spend.usage"], time.monotonic() + 0.3)  # type: ignore[arg-type]

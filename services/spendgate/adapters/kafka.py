@@ -128,9 +128,8 @@ async def ensure_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[
     mismatch is logged; neither Kafka's create_partitions is attempted nor would Tansu
     support it). Safe to run concurrently from several processes.
 
-    Returns once the broker's metadata lists every partition of the topics it created with a
-    leader (Apache Kafka answers CreateTopics before every broker knows them: a describe right
-    after listed none).
+    Returns once every broker lists every spendgate topic with a leader for each partition
+    (Apache Kafka answers CreateTopics before every broker knows them).
 
     Raises :class:`KafkaUnavailable` when the broker cannot be reached within ``timeout_s``.
     """
@@ -162,7 +161,6 @@ async def ensure_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[
             elif error_code != _TOPIC_ALREADY_EXISTS:
                 message = rest[0] if rest else ""
                 raise KafkaUnavailable(f"creating topic {topic} failed: {error_code} {message}")
-        await _wait_until_listed(admin, created, settings.partitions, deadline)
         await _wait_until_every_broker_lists(admin, list(names), deadline)
         await _warn_on_partition_mismatch(admin, settings, [n for n in names if n not in created])
         await probe_idempotence(settings.kafka_bootstrap, timeout_s=timeout_s)
@@ -185,12 +183,14 @@ async def _wait_until_every_broker_lists(
     request = MetadataRequest(list(topics), allow_auto_topic_creation=False)
     while True:
         lagging: dict[int, list[str]] = {}
+        answered = 0
         for broker in sorted(client.cluster.brokers(), key=lambda b: b.nodeId):
             remaining = max(0.1, deadline - time.monotonic())
             try:
                 response = await asyncio.wait_for(client.send(broker.nodeId, request), remaining)
             except (KafkaError, OSError, TimeoutError):
                 continue
+            answered += 1
             listed = {
                 t["topic"]
                 for t in response.to_object()["topics"]
@@ -198,35 +198,13 @@ async def _wait_until_every_broker_lists(
             }
             if missing := sorted(set(topics) - listed):
                 lagging[broker.nodeId] = missing
-        if not lagging:
+        if answered and not lagging:
             return
         if time.monotonic() >= deadline:
+            if not answered:
+                raise KafkaUnavailable(f"no broker answered a metadata request for {topics} in time")
             raise KafkaUnavailable(f"brokers {sorted(lagging)} do not list topics {lagging} in time")
         await asyncio.sleep(0.1)
-
-
-async def _wait_until_listed(
-    admin: AIOKafkaAdminClient, topics: list[str], partitions: int, deadline: float
-) -> None:
-    """Return once metadata lists ``partitions`` partitions with a leader for each of ``topics``;
-    raise :class:`KafkaUnavailable` at ``deadline`` (a monotonic time)."""
-    pending = list(topics)
-    while pending:
-        described = await asyncio.wait_for(
-            admin.describe_topics(pending), max(0.1, deadline - time.monotonic())
-        )
-        listed = {
-            d["topic"]
-            for d in described
-            if d["error_code"] == 0
-            and len(d["partitions"]) >= partitions
-            and all(p["leader"] >= 0 for p in d["partitions"])
-        }
-        pending = [t for t in pending if t not in listed]
-        if pending and time.monotonic() >= deadline:
-            raise KafkaUnavailable(f"topics {pending} created but not in the metadata in time")
-        if pending:
-            await asyncio.sleep(0.1)
 
 
 async def _broker_count(admin: AIOKafkaAdminClient) -> int:

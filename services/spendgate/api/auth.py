@@ -8,7 +8,6 @@ admin. Only sha256 hashes are held and they are compared in constant time.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -83,22 +82,8 @@ def principal_of(request: Request, cache: TokenCache) -> Principal:
     return found  # type: ignore[no-any-return]
 
 
-def principal_dependency(cache: TokenCache) -> Callable[[Request], Awaitable[Principal]]:
-    """A FastAPI dependency: the caller's ``Principal``, or 401 in the error envelope."""
-
-    async def principal(request: Request) -> Principal:
-        return principal_of(request, cache)
-
-    return principal
-
-
-def gate_dependency(cache: TokenCache, action: Action) -> Callable[[Request], Awaitable[Principal]]:
-    """For the gate routes: a principal allowed to ``check`` or ``ingest`` (gateway or admin)."""
-    resolve = principal_dependency(cache)
-
-    async def principal(request: Request) -> Principal:
-        found = await resolve(request)
-        require(authorize(found, action, GateTarget()))
-        return found
-
-    return principal
+def gate_caller(request: Request, cache: TokenCache, action: Action) -> Principal:
+    """The caller, if allowed to ``check`` or ``ingest`` (gateway or admin); else 401 or 403."""
+    found = principal_of(request, cache)
+    require(authorize(found, action, GateTarget()))
+    return found

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from starlette.types import ASGIApp, Receive, Send
 from starlette.types import Scope as AsgiScope
 
-from spendgate.api.auth import TokenCache, gate_dependency
+from spendgate.api.auth import TokenCache, gate_caller
 from spendgate.api.deps import Checker, GateDep
 from spendgate.api.errors import Unprocessable, error_responses, response_for
 from spendgate.api.gate_service import Gate
@@ -77,10 +77,9 @@ def check_handler(gate: Gate, tokens: TokenCache) -> Callable[[Request], Awaitab
     Served as a FastAPI route (OpenAPI, tests) and, in ``spendgate api``, by
     :func:`with_check_fast_path` ahead of the framework's middleware stack.
     """
-    check_caller = gate_dependency(tokens, Action.CHECK)
 
     async def post_check(request: Request) -> Response:
-        await check_caller(request)
+        gate_caller(request, tokens, Action.CHECK)
         raw = guarded_body(request.scope)
         if raw is None:  # no body announced, or no guard in front
             raw = await read_capped(request, CONTROL_BODY_LIMIT)

@@ -11,11 +11,11 @@ from typing import Annotated
 from fastapi import Depends, Query, Request, Response
 
 from spendgate.adapters.usage_producer import UsageProducer
-from spendgate.api.auth import principal_of
+from spendgate.api.auth import gate_caller, principal_of
 from spendgate.api.gate_service import Gate
 from spendgate.api.visibility import WriteVisibility
 from spendgate.control.service import ControlService
-from spendgate.domain.authority import Action, GateTarget, Principal, authorize, require
+from spendgate.domain.authority import Action, Principal
 
 VERSION_HEADER = "Spendgate-Version"
 
@@ -26,16 +26,12 @@ async def _caller(request: Request) -> Principal:
 
 async def _checker(request: Request) -> Principal:
     """A caller allowed to check (gateway or admin)."""
-    caller = principal_of(request, request.app.state.tokens)
-    require(authorize(caller, Action.CHECK, GateTarget()))
-    return caller
+    return gate_caller(request, request.app.state.tokens, Action.CHECK)
 
 
 async def _ingester(request: Request) -> Principal:
     """A caller allowed to send usage events and release holds (gateway or admin)."""
-    caller = principal_of(request, request.app.state.tokens)
-    require(authorize(caller, Action.INGEST, GateTarget()))
-    return caller
+    return gate_caller(request, request.app.state.tokens, Action.INGEST)
 
 
 def _gate(request: Request) -> Gate:

@@ -54,12 +54,7 @@ async def budget_context(uow: UnitOfWork, scope: Scope) -> tuple[str | None, boo
 def budget_of(record: BudgetRecord | None) -> Budget | None:
     if record is None:
         return None
-    limits = (
-        None
-        if record.limits is None
-        else [lim.model_dump(mode="json", exclude_none=True) for lim in record.limits]
-    )
-    return parse_budget({"limits": limits, "tz": record.tz})
+    return parse_budget({"limits": record.limits_json(), "tz": record.tz})
 
 
 def may_touch_key(actor: Principal, action: Action, key_id: str, record: KeyRecord | None) -> Decision:

@@ -177,14 +177,12 @@ def _params(record: AnyConfigRecord, actor: Principal | None) -> dict[str, Any]:
     params = record.model_dump(mode="json", exclude={"v", "type"})
     if isinstance(record, BudgetRecord):
         scope = Scope.parse(record.scope)
-        limits = record.limits
+        limits = record.limits_json()
         params.update(
             kind=scope.kind.value,
             part1=scope.parts[0],
             part2=scope.parts[1] if len(scope.parts) > 1 else None,
-            limits=None
-            if limits is None
-            else Jsonb([lim.model_dump(mode="json", exclude_none=True) for lim in limits]),
+            limits=None if limits is None else Jsonb(limits),
         )
     if isinstance(record, TokenRecord):
         params["created_by"] = actor.token_id if actor else None
