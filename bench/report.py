@@ -123,12 +123,22 @@ def markdown(res: dict[str, Any]) -> str:
             if x:
                 L.append(f"| {n} worker{'s' if n == '2' else ''} | {_m(x['rate_processing'], 0)} | {_m(x['rate_wall'], 0)} | "
                          f"{_m(x['first_output_s'], 1)} | {_m(x['peak_rss_mib'], 0)} | {_r(x['rate_processing'], b['rate_processing'])} |")
+        hot = wk.get("workers_1_hot")
+        if hot:
+            L.append(f"| 1 worker, the same events over {wk['hot_keys']} keys | {_m(hot['rate_processing'], 0)} | "
+                     f"{_m(hot['rate_wall'], 0)} | {_m(hot['first_output_s'], 1)} | {_m(hot['peak_rss_mib'], 0)} | "
+                     f"{_r(hot['rate_processing'], b['rate_processing'])} |")
         L.append(f"| baseline: aiokafka consumer + orjson.loads | {_m(b['rate_processing'], 0)} | {_m(b['rate_wall'], 0)} | | | 1 |\n")
-        for n in ("1", "2"):
+        if hot:
+            L.append(f"The {wk['hot_keys']}-key row is the same number of events touching far fewer scopes: a worker's "
+                     "cost is per scope update (one ledger changelog record and one `spend.state` record per scope a "
+                     "batch or a state tick touches), and every event of one scope in a batch is one update.\n")
+        for n, wanted in (("1", 10_000), ("2", 18_000)):
             rate = wk.get(f"workers_{n}", {}).get("rate_processing", {}).get("median")
             if rate is not None or n == "1":
-                targets.append((f"worker throughput ({n} worker{'s' if n == '2' else ''})", "≥ 5,000 events/s",
-                                f"{fmt(rate, 0)} events/s", None if rate is None else rate >= 5000))
+                targets.append((f"worker throughput ({n} worker{'s' if n == '2' else ''}, {wk['keys']:,} keys)",
+                                f"≥ {wanted:,} events/s", f"{fmt(rate, 0)} events/s",
+                                None if rate is None else rate >= wanted))
         prof = wk.get("profile")
         if prof and prof.get("own"):
             pr = wk.get("profiled_run", {})
@@ -157,8 +167,8 @@ def markdown(res: dict[str, Any]) -> str:
                         f"{fmt(en.get('p99_ms'), 0)} ms", None if en.get("p99_ms") is None else en["p99_ms"] < 500))
         e1 = res.get("enforce_1000")
         if e1:
-            ok = None if not e1["n"] and not e1["timeouts"] else (e1.get("p99_ms") is not None and e1["p99_ms"] < 500 and not e1["timeouts"])
-            targets.append(("enforcement delay p99 (background 1,000 ev/s)", "< 500 ms",
+            ok = None if not e1["n"] and not e1["timeouts"] else (e1.get("p99_ms") is not None and e1["p99_ms"] <= 150 and not e1["timeouts"])
+            targets.append(("enforcement delay p99 (background 1,000 ev/s)", "≤ 150 ms",
                             f"{fmt(e1.get('p99_ms'), 0)} ms, {e1['timeouts']} timeouts", ok))
 
     ov = res.get("overshoot")
@@ -286,6 +296,14 @@ def markdown(res: dict[str, Any]) -> str:
                      f"{cw['window_entries']:,} window entries ({cw['scopes']:,} scopes) | {_m(cw['resume_s'])} | {_m(cw['rss_mib'], 0)} |")
         L.append("\nThe worker's ledger changelog was written directly in the worker's own record format (see "
                  "bench/coldstart.py): producing a million buckets through the worker does not fit the time budget.\n")
+        if ca:
+            ready = ca["ready_s"].get("median")
+            targets.append(("API cold start to /readyz (101k scopes)", "≤ 5 s", f"{fmt(ready)} s",
+                            None if ready is None else ready <= 5))
+        if cw:
+            resume = cw["resume_s"].get("median")
+            targets.append(("worker resume (1M window entries)", "≤ 8 s", f"{fmt(resume)} s",
+                            None if resume is None else resume <= 8))
 
     rp = res.get("replay")
     if rp:

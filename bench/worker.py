@@ -23,14 +23,17 @@ from bench.common import log, summary
 from bench.stack import Stack, rss_mib
 
 KEYS, TEAMS, ORGS = 10_000, 100, 10
+#: Keys the "hot keys" run spreads the same number of events over: the cost of a worker is per
+#: scope update, and a batch (or a state tick) coalesces every event of one scope into one.
+HOT_KEYS = 100
 
 
-async def prepare(stack: Stack, prefix: str, n_events: int, seed: int) -> tuple[int, int]:
+async def prepare(stack: Stack, prefix: str, n_events: int, seed: int, active_keys: int = KEYS) -> tuple[int, int]:
     s = await stack.topics(prefix)
     config = data.registry_records(KEYS, TEAMS, ORGS)
     config += [data.budget_record(f"team:t{t}", data.TEAM_LIMITS) for t in range(TEAMS)]
     await data.produce(stack.bootstrap, s.topic("config"), config)
-    records, total = data.usage_records(n_events, KEYS, seed=seed)
+    records, total = data.usage_records(n_events, active_keys, seed=seed)
     await data.produce(stack.bootstrap, s.topic("usage"), records)
     return len(records), total
 
@@ -69,8 +72,8 @@ async def follow_key_totals(bootstrap: str, topic: str, expected: int, timeout_s
 
 
 async def one_run(stack: Stack, prefix: str, n_events: int, workers: int, seed: int,
-                  profile_to: Path | None = None) -> dict[str, Any]:
-    n, expected = await prepare(stack, prefix, n_events, seed)
+                  profile_to: Path | None = None, active_keys: int = KEYS) -> dict[str, Any]:
+    n, expected = await prepare(stack, prefix, n_events, seed, active_keys)
     s = stack.settings(prefix)
     follower = asyncio.create_task(follow_key_totals(stack.bootstrap, s.topic("state"), expected, 240))
     await asyncio.sleep(0.2)
@@ -208,6 +211,15 @@ async def run_worker_bench(stack: Stack, workdir: Path, quick: bool) -> dict[str
         out["runs"][str(workers)] = runs
         out[f"workers_{workers}"] = {k: summary([r[k] for r in runs]) for k in
                                      ("rate_processing", "rate_wall", "first_output_s", "peak_rss_mib")}
+    hot = []
+    for _ in range(reps):
+        run_id += 1
+        hot.append(await one_run(stack, f"wt{run_id}.", n_events, 1, seed=run_id, active_keys=HOT_KEYS))
+        log(f"worker x1, {HOT_KEYS} hot keys: {hot[-1]['rate_processing']:.0f} ev/s processing")
+    out["runs"]["1_hot"] = hot
+    out["workers_1_hot"] = {k: summary([r[k] for r in hot]) for k in
+                            ("rate_processing", "rate_wall", "first_output_s", "peak_rss_mib")}
+    out["hot_keys"] = HOT_KEYS
     for _ in range(reps - 1):
         out["baseline_runs"].append(await baseline(stack, "wt1.", n_events))
     out["baseline"] = {k: summary([b[k] for b in out["baseline_runs"]]) for k in ("rate_processing", "rate_wall")}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -155,6 +156,13 @@ class Source(BaseModel):
 
     partition: int
     offset: int
+
+
+@lru_cache(maxsize=4096)
+def source_at(partition: int, offset: int) -> Source:
+    """A shared (frozen) ``Source``: every scope a batch touches in one usage partition has the
+    same last offset, and building a model per scope was ~3 µs of the worker's hot loop."""
+    return Source(partition=partition, offset=offset)
 
 
 Watermarks = Annotated[

@@ -123,5 +123,14 @@ def test_request_events_are_remembered_but_charge_nothing() -> None:
 
 
 def test_delta_bundle_round_trip() -> None:
-    deltas = [Delta("model:openai%2Fgpt-4o", 3, 10, 12, {29_000_000: 5, 29_000_001: 7}), Delta("k", 0, 1, 1)]
-    assert decode_bundle(encode_bundle(deltas)) == deltas
+    deltas = [
+        Delta("model:openai%2Fgpt-4o", 3, 10, 12, {29_000_000: 5, 29_000_001: 7}),
+        Delta("k", 0, 1, 1),
+        Delta("key:one-bucket", 1, 4, 9, {29_000_002: 11}),  # the decoder's common shape
+        Delta("key:one-bucket-and-a-hold", 1, 4, 9, {29_000_002: 11}, [["h1", 5, 1_000]]),
+        Delta("key:a-hold-only", 2, 4, 4, {}, [["h1"]]),
+    ]
+    decoded = decode_bundle(encode_bundle(deltas))
+    assert decoded == deltas
+    decoded[2].add(29_000_003, 1)  # a decoded delta owns its buckets
+    assert deltas[2].minutes == {29_000_002: 11}

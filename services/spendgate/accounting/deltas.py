@@ -55,6 +55,9 @@ def decode_bundle(raw: bytes) -> list[Delta]:
     """Read a bundle of :func:`encode_bundle`."""
     out = []
     for item in orjson.loads(raw):
+        if len(item) == 6:  # the common delta: one minute bucket, no hold ops
+            out.append(Delta(item[0], item[1], item[2], item[3], {item[4]: item[5]}, []))
+            continue
         ops = item.pop()["h"] if len(item) % 2 else []
         minutes = dict(zip(item[4::2], item[5::2], strict=True))  # even length once ops are popped
         out.append(Delta(item[0], item[1], item[2], item[3], minutes, ops))

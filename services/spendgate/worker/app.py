@@ -38,7 +38,7 @@ from spendgate.accounting.seen import SeenIds, plan_with_seen
 from spendgate.domain import holds as hold_ops
 from spendgate.domain.ledger import DayRecord, HotRecord, ScopeLedger
 from spendgate.domain.registry import ConfigChange, RegistryView
-from spendgate.records import Source
+from spendgate.records import Source, source_at
 from spendgate.settings import Settings
 from spendgate.worker import metrics
 from spendgate.worker.faust_app import make_app
@@ -337,7 +337,7 @@ class Worker(Outputs):
         metrics.DELTAS.labels(stage="applied").inc(applied)
         now = time.time()
         for scope, (partition, offset) in touched.items():
-            self.dirty[scope] = self.sources[scope] = Source(partition=partition, offset=offset)
+            self.dirty[scope] = self.sources[scope] = source_at(partition, offset)
             self._due_at_hold_expiry(scope, ledgers[scope], now)
         budgets = self.registry.budgets
         await self._publish([(scope, self.sources[scope]) for scope in touched if scope in budgets], now)

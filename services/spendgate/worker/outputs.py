@@ -22,7 +22,7 @@ from spendgate.domain import holds as hold_ops
 from spendgate.domain.decide import decide
 from spendgate.domain.ledger import ScopeLedger
 from spendgate.domain.registry import RegistryView
-from spendgate.records import Source
+from spendgate.records import Source, source_at
 from spendgate.settings import Settings
 from spendgate.worker import metrics
 from spendgate.worker.partitions import partitions_ready
@@ -82,7 +82,7 @@ class Outputs:
         source = self.sources.get(scope)
         if source is None and scope in self.ledgers and self.ledgers[scope].hot.watermarks:
             partition, offset = max(self.ledgers[scope].hot.watermarks.items(), key=lambda item: item[1])
-            source = self.sources[scope] = Source(partition=partition, offset=offset)
+            source = self.sources[scope] = source_at(partition, offset)
         return source
 
     def _evaluate(

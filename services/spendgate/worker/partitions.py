@@ -110,10 +110,15 @@ def get_in_partition(table: Collection, where: EventT | int, key: Any, default: 
 
     Use for every single-key read: with RocksDB the key is looked up in that partition's
     database only (see :func:`in_partition` for why the current event can't be trusted).
-    The partition must be the one the key is written to.
+    The partition must be the one the key is written to. The memory store keeps one dict for
+    every partition, so it is read directly: stage B reads a table key for every scope it has
+    not loaded yet, and setting the partition cost more than the read.
     """
+    store = table.data
+    if not hasattr(store, "items_in_partition"):  # the memory store (rocks_store.Store has it)
+        return store.data.get(key, default)
     with in_partition(table, where):
-        return table.data.get(key, default)
+        return store.get(key, default)
 
 
 def items_in_partition(table: Collection, partition: int) -> Iterator[tuple[Any, Any]]:
