@@ -7,6 +7,14 @@ from typing import Any
 from bench.common import fmt, ratio
 
 
+def _per_event(x: dict[str, Any]) -> str:
+    """Records a worker wrote per event (``spend.state`` + ledger changelog), when measured."""
+    state, ledger = x.get("state_records_per_event"), x.get("ledger_records_per_event")
+    if not state or not ledger or state.get("median") is None or ledger.get("median") is None:
+        return ""
+    return f"{state['median']:.2f} + {ledger['median']:.2f}"
+
+
 def _m(s: dict[str, Any] | None, digits: int = 2) -> str:
     if not s or s.get("median") is None:
         return "n/a"
@@ -116,19 +124,18 @@ def markdown(res: dict[str, Any]) -> str:
                  "events. *processing* = events / (done − first state record); *wall* includes process start and group "
                  f"join. {wk['reps']} runs each; fresh topics per run.\n")
         b = wk["baseline"]
-        L.append("| | events/s processing | events/s wall | first output after spawn s | peak RSS MiB | ÷ baseline (processing) |")
-        L.append("|---|---|---|---|---|---|")
-        for n in ("1", "2"):
-            x = wk.get(f"workers_{n}")
+        L.append("| | events/s processing | events/s wall | first output after spawn s | peak RSS MiB | "
+                 "records written per event: state + ledger | ÷ baseline (processing) |")
+        L.append("|---|---|---|---|---|---|---|")
+        rows = [(f"{n} worker{'s' if n == '2' else ''}", wk.get(f"workers_{n}")) for n in ("1", "2")]
+        rows.append((f"1 worker, the same events over {wk.get('hot_keys')} keys", wk.get("workers_1_hot")))
+        for label, x in rows:
             if x:
-                L.append(f"| {n} worker{'s' if n == '2' else ''} | {_m(x['rate_processing'], 0)} | {_m(x['rate_wall'], 0)} | "
-                         f"{_m(x['first_output_s'], 1)} | {_m(x['peak_rss_mib'], 0)} | {_r(x['rate_processing'], b['rate_processing'])} |")
+                L.append(f"| {label} | {_m(x['rate_processing'], 0)} | {_m(x['rate_wall'], 0)} | "
+                         f"{_m(x['first_output_s'], 1)} | {_m(x['peak_rss_mib'], 0)} | {_per_event(x)} | "
+                         f"{_r(x['rate_processing'], b['rate_processing'])} |")
         hot = wk.get("workers_1_hot")
-        if hot:
-            L.append(f"| 1 worker, the same events over {wk['hot_keys']} keys | {_m(hot['rate_processing'], 0)} | "
-                     f"{_m(hot['rate_wall'], 0)} | {_m(hot['first_output_s'], 1)} | {_m(hot['peak_rss_mib'], 0)} | "
-                     f"{_r(hot['rate_processing'], b['rate_processing'])} |")
-        L.append(f"| baseline: aiokafka consumer + orjson.loads | {_m(b['rate_processing'], 0)} | {_m(b['rate_wall'], 0)} | | | 1 |\n")
+        L.append(f"| baseline: aiokafka consumer + orjson.loads | {_m(b['rate_processing'], 0)} | {_m(b['rate_wall'], 0)} | | | | 1 |\n")
         if hot:
             L.append(f"The {wk['hot_keys']}-key row is the same number of events touching far fewer scopes: a worker's "
                      "cost is per scope update (one ledger changelog record and one `spend.state` record per scope a "

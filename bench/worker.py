@@ -21,11 +21,14 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from bench import data
 from bench.common import log, summary
 from bench.stack import Stack, rss_mib
+from spendgate.adapters.watermarks import fetch_high_watermarks
 
 KEYS, TEAMS, ORGS = 10_000, 100, 10
 #: Keys the "hot keys" run spreads the same number of events over: the cost of a worker is per
 #: scope update, and a batch (or a state tick) coalesces every event of one scope into one.
 HOT_KEYS = 100
+RUN_FIGURES = ("rate_processing", "rate_wall", "first_output_s", "peak_rss_mib", "state_records_per_event",
+               "ledger_records_per_event")
 
 
 async def prepare(stack: Stack, prefix: str, n_events: int, seed: int, active_keys: int = KEYS) -> tuple[int, int]:
@@ -103,9 +106,13 @@ async def one_run(stack: Stack, prefix: str, n_events: int, workers: int, seed: 
             stack.stop_child(p, 10)
     processing = times["done"] - times["first"]
     wall = times["done"] - spawned
+    written = {name: sum((await fetch_high_watermarks(stack.bootstrap, topic)).values())
+               for name, topic in (("state", s.topic("state")), ("ledger", f"w-{prefix.strip('.')}-ledger-changelog"))}
     return {"events": n, "workers": workers, "wall_s": wall, "first_output_s": times["first"] - spawned,
             "processing_s": processing, "rate_processing": n / processing if processing > 0 else None,
-            "rate_wall": n / wall, "peak_rss_mib": rss}
+            "rate_wall": n / wall, "peak_rss_mib": rss,
+            # scope updates: what a worker's cost is proportional to (see the report)
+            "state_records_per_event": written["state"] / n, "ledger_records_per_event": written["ledger"] / n}
 
 
 async def baseline(stack: Stack, prefix: str, n_events: int) -> dict[str, Any]:
@@ -209,16 +216,14 @@ async def run_worker_bench(stack: Stack, workdir: Path, quick: bool) -> dict[str
                 b = await baseline(stack, f"wt{run_id}.", n_events)
                 out.setdefault("baseline_runs", []).append(b)
         out["runs"][str(workers)] = runs
-        out[f"workers_{workers}"] = {k: summary([r[k] for r in runs]) for k in
-                                     ("rate_processing", "rate_wall", "first_output_s", "peak_rss_mib")}
+        out[f"workers_{workers}"] = {k: summary([r[k] for r in runs]) for k in RUN_FIGURES}
     hot = []
     for _ in range(reps):
         run_id += 1
         hot.append(await one_run(stack, f"wt{run_id}.", n_events, 1, seed=run_id, active_keys=HOT_KEYS))
         log(f"worker x1, {HOT_KEYS} hot keys: {hot[-1]['rate_processing']:.0f} ev/s processing")
     out["runs"]["1_hot"] = hot
-    out["workers_1_hot"] = {k: summary([r[k] for r in hot]) for k in
-                            ("rate_processing", "rate_wall", "first_output_s", "peak_rss_mib")}
+    out["workers_1_hot"] = {k: summary([r[k] for r in hot]) for k in RUN_FIGURES}
     out["hot_keys"] = HOT_KEYS
     for _ in range(reps - 1):
         out["baseline_runs"].append(await baseline(stack, "wt1.", n_events))
