@@ -3,12 +3,14 @@ move with them, and whatever the bulk read leaves is left to Faust's own recover
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.errors import KafkaConnectionError
 from faust.types import TP
 
 from spendgate.worker import bulk_recovery
@@ -140,3 +142,46 @@ async def test_partitions_at_their_end_and_tables_with_a_changelog_callback_are_
     )
     assert await bulk_recovery.read_in_bulk(r, {p0, p1}) == 0
     assert dict(r.active_offsets) == {p0: 9, p1: None}
+
+
+class HangingConsumer(FakeConsumer):
+    """Serves one fetch, then waits forever (a broker that stopped answering)."""
+
+    async def getmany(self, *tps: TopicPartition, timeout_ms: int, max_records: int) -> dict:
+        if self.served:
+            await asyncio.Event().wait()
+        self.served = True
+        return await super().getmany(*tps, timeout_ms=timeout_ms, max_records=max_records)
+
+    served = False
+
+
+async def test_a_broker_that_stops_answering_leaves_the_rest_to_faust_within_the_budget(
+    monkeypatch: pytest.MonkeyPatch, logs: dict[int, list[tuple[int, bytes]]]
+) -> None:
+    """Faust times its recovery step out after ``broker_request_timeout``: the bulk read gives
+    up well before, keeping what it applied."""
+    consumer = HangingConsumer(logs, per_fetch=4)
+    monkeypatch.setattr(bulk_recovery, "_consumer", lambda app: consumer)
+    p0 = TP(CHANGELOG, 0)
+    table = FakeTable()
+    r = recovery({p0: table}, {p0: None}, {p0: 9})
+    r.app.conf.broker_request_timeout = 0.2
+    assert await bulk_recovery.read_in_bulk(r, {p0}) == 4
+    assert r.active_offsets[p0] == 3 and consumer.stopped
+
+
+async def test_a_kafka_error_leaves_the_rest_to_faust(
+    monkeypatch: pytest.MonkeyPatch, logs: dict[int, list[tuple[int, bytes]]]
+) -> None:
+    consumer = FakeConsumer(logs, per_fetch=4)
+
+    async def refuse() -> None:
+        raise KafkaConnectionError("no broker")
+
+    consumer.start = refuse  # type: ignore[method-assign]
+    monkeypatch.setattr(bulk_recovery, "_consumer", lambda app: consumer)
+    p0 = TP(CHANGELOG, 0)
+    r = recovery({p0: FakeTable()}, {p0: None}, {p0: 9})
+    assert await bulk_recovery.read_in_bulk(r, {p0}) == 0
+    assert r.active_offsets[p0] is None and consumer.stopped

@@ -17,17 +17,20 @@ normally nothing, the usual way. The store, the offsets and the ordering are exa
 Faust's recovery; only the per-record path is skipped.
 
 Whatever this step does not read, Faust's recovery still does: it stops at a new rebalance
-(the generation changed: it was cancelled or applies nothing more), after
-:data:`BUDGET_SHARE` of the step's timeout, after :data:`EMPTY_FETCHES` empty fetches in a row,
-or on a Kafka error. Left out: tables with an ``on_changelog_event`` callback (it would not be
-called) and transactional apps (their recovery reads committed records only).
+(the generation changed: it was cancelled or applies nothing more), after :data:`BUDGET_SHARE`
+of the step's timeout (a hard deadline, broker calls included: the step must not time out),
+after :data:`EMPTY_FETCHES` empty fetches in a row, or on a Kafka error. Left out: tables with
+an ``on_changelog_event`` callback (it would not be called) and transactional apps (their
+recovery reads committed records only).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Set
+from dataclasses import dataclass
 from typing import Any, cast
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -64,32 +67,46 @@ async def read_in_bulk(recovery: Recovery, tps: Set[TP]) -> int:
     }
     if not behind or app.in_transaction:
         return 0
-    generation, started = app.consumer_generation_id, time.monotonic()
-    deadline = started + BUDGET_SHARE * app.conf.broker_request_timeout
+    started, read = time.monotonic(), _Read(app.consumer_generation_id)
     consumer = _consumer(app)
-    await consumer.start()
-    applied = 0
     try:
-        await _seek(consumer, {tp: offsets.get(tp) for tp in behind})
-        empty = 0
-        while behind and empty < EMPTY_FETCHES and time.monotonic() < deadline:
-            fetched = await consumer.getmany(*_aio(behind), timeout_ms=200, max_records=CHUNK)
-            empty = 0 if fetched else empty + 1
-            events = {TP(tp.topic, tp.partition): records for tp, records in fetched.items()}
-            decoded = {tp: [await _event(recovery, tp, r) for r in rs] for tp, rs in events.items()}
-            if app.consumer_generation_id != generation:
-                break  # a rebalance began: its own recovery starts from the store's offsets
-            for tp, batch in decoded.items():  # no await: applied and accounted for together
-                recovery.tp_to_table[tp].apply_changelog_batch(batch)
-                offsets[tp] = max(_at(offsets, tp), batch[-1].message.offset)
-                applied += len(batch)
-            behind = {tp for tp in behind if _at(offsets, tp) < highwaters[tp]}
-    except KafkaError as exc:  # what was applied stands; Faust's recovery reads the rest
-        log.warning("bulk changelog read stopped: %r", exc)
+        async with asyncio.timeout(BUDGET_SHARE * app.conf.broker_request_timeout):
+            await consumer.start()
+            await _seek(consumer, {tp: offsets.get(tp) for tp in behind})
+            await _apply_fetches(recovery, consumer, behind, read)
+    except (KafkaError, TimeoutError) as exc:  # what was applied stands; Faust's recovery reads the rest
+        log.warning("bulk changelog read stopped after %d records: %r", read.applied, exc)
     finally:
         await consumer.stop()
-    log.info("recovery read %d changelog records in bulk in %.2fs", applied, time.monotonic() - started)
-    return applied
+    log.info("recovery read %d changelog records in bulk in %.2fs", read.applied, time.monotonic() - started)
+    return read.applied
+
+
+@dataclass
+class _Read:
+    generation: int  # the group generation the read is for
+    applied: int = 0
+
+
+async def _apply_fetches(
+    recovery: Recovery, consumer: AIOKafkaConsumer, behind: set[TP], read: _Read
+) -> None:
+    """Fetch and apply until every partition reached its high watermark, a new generation
+    began, or :data:`EMPTY_FETCHES` fetches in a row brought nothing."""
+    offsets, highwaters = recovery.active_offsets, recovery.active_highwaters
+    empty = 0
+    while behind and empty < EMPTY_FETCHES:
+        fetched = await consumer.getmany(*_aio(behind), timeout_ms=200, max_records=CHUNK)
+        empty = 0 if fetched else empty + 1
+        events = {TP(tp.topic, tp.partition): records for tp, records in fetched.items()}
+        decoded = {tp: [await _event(recovery, tp, r) for r in rs] for tp, rs in events.items()}
+        if recovery.app.consumer_generation_id != read.generation:
+            return  # a rebalance began: its own recovery starts from the store's offsets
+        for tp, batch in decoded.items():  # no await: applied and accounted for together
+            recovery.tp_to_table[tp].apply_changelog_batch(batch)
+            offsets[tp] = max(_at(offsets, tp), batch[-1].message.offset)
+            read.applied += len(batch)
+        behind = {tp for tp in behind if _at(offsets, tp) < highwaters[tp]}
 
 
 def _at(offsets: Any, tp: TP) -> int:
@@ -110,7 +127,7 @@ def _consumer(app: Any) -> AIOKafkaConsumer:
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         fetch_max_wait_ms=100,  # Tansu answers a Fetch with max_wait 0 with nothing
-        max_partition_fetch_bytes=4 << 20,
+        max_partition_fetch_bytes=conf.consumer_max_fetch_size,
         request_timeout_ms=int(conf.broker_request_timeout * 1000),
         client_id=f"{conf.broker_client_id}-recovery",
         **credentials_to_aiokafka_auth(conf.broker_credentials, conf.ssl_context),
