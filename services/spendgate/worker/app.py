@@ -32,7 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from spendgate.accounting.deltas import Delta, decode_bundle, encode_bundle
 from spendgate.accounting.ingest import RawRecord
-from spendgate.accounting.ledgers import apply_deltas, partition_of
+from spendgate.accounting.ledgers import apply_deltas, day_key, partition_of
 from spendgate.accounting.publish import Publisher
 from spendgate.accounting.seen import SeenIds, plan_with_seen
 from spendgate.domain import holds as hold_ops
@@ -51,6 +51,7 @@ from spendgate.worker.partitions import (
     write_in_partition,
 )
 from spendgate.worker.sends import flush, send_many
+from spendgate.worker.takeover import Stored, stored_scopes
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,11 @@ class Worker(Outputs):
         self.registry = RegistryView()
         self.config_ready = asyncio.Event()
         self.publisher = Publisher()
-        self.ledgers: dict[str, ScopeLedger] = {}
+        self.ledgers: dict[str, ScopeLedger] = {}  # loaded on first use (``_ledger``)
+        #: the owned scopes the ledger table held when this generation started
+        self.stored: dict[str, Stored] = {}
+        #: scopes whose state the takeover republish has yet to publish (``worker.takeover``)
+        self.backlog: dict[str, None] = {}
         #: (group generation, owned ``worker.deltas`` partitions) the ledgers were loaded for
         self.ledgers_built_for: tuple[int | None, frozenset[int]] | None = None
         #: scopes whose ledgers hold deltas of an aggregate batch not yet acked by the changelog
@@ -199,9 +204,18 @@ class Worker(Outputs):
     # ---- stage B --------------------------------------------------------------------------
 
     def _load_ledger(self, scope: str) -> ScopeLedger:
-        """A scope's ledger from the table (its hot record; day records load with the generation)."""
-        raw = get_in_partition(self.ledger_table, partition_of(scope, self.settings.partitions), scope)
-        return ScopeLedger(HotRecord.from_json(raw) if raw else None)
+        """A scope's ledger from the table: its hot record and the day records the generation
+        found (``stored``; a scope loads once per generation, so these are all of them)."""
+        table, p = self.ledger_table, partition_of(scope, self.settings.partitions)
+        raw = get_in_partition(table, p, scope)
+        stored = self.stored.get(scope)
+        days = {day: get_in_partition(table, p, day_key(scope, day)) for day in stored.days} if stored else {}
+        ledger = ScopeLedger(
+            HotRecord.from_json(raw) if raw else None,
+            {day: DayRecord.from_json(record) for day, record in days.items() if record},
+        )
+        ledger.settle()  # recovered day records are durable
+        return ledger
 
     def _ledger(self, scope: str) -> ScopeLedger:
         ledger = self.ledgers.get(scope)
@@ -213,67 +227,47 @@ class Worker(Outputs):
         return partition_of(scope, self.settings.partitions) in partitions
 
     def _rebuild_ledgers(self, owned: frozenset[int], generation: int | None) -> None:
-        """Start a group generation: reload the owned scopes' ledgers, forget the lost ones.
+        """Start a group generation: list the owned scopes' ledgers, forget the lost ones.
 
         Runs once per generation (after its recovery), not only when the owned set changes: a
         partition that left and came back, or one held across a session this worker lost, may
         have been written by another owner in between, so nothing in memory from the previous
-        generation is trusted. Ledgers reload from the (recovered) table; decisions go out again
-        for every budgeted owned scope, as after a restart, and the state of every loaded scope
-        is published again (the last owner may not have published its last deltas);
-        dirty/due/source bookkeeping and alert memory of scopes in partitions no longer owned
-        are dropped, so nothing is ever published about them (they would be judged by an empty
-        ledger: issue 19).
+        generation is trusted. Ledgers load from the (recovered) table on first use
+        (``_ledger``); decisions go out again for every budgeted owned scope, as after a restart,
+        and the state of every stored scope is published again, in chunks (``backlog``, see
+        ``worker.takeover``): the last owner may have counted deltas (their ledger writes acked)
+        without publishing them -- its tick does not run during a rebalance, a SIGKILL stops
+        it -- and without a new delta nobody would ever publish them (issue 13). Dirty/due/source
+        bookkeeping and alert memory of scopes in partitions no longer owned are dropped, so
+        nothing is ever published about them (they would be judged by an empty ledger: issue 19).
 
         ``data.items()`` is every key of the memory store, or the keys of every active
         partition's RocksDB database; either way filtered by ``owned`` below.
         """
-        hots: dict[str, HotRecord] = {}
-        days: dict[str, dict[int, DayRecord]] = {}
-        for key, value in list(self.ledger_table.data.items()):
-            scope, at, day = key.rpartition("@")[0], "@" in key, key.rpartition("@")[2]
-            if at and scope:
-                days.setdefault(scope, {})[int(day)] = DayRecord.from_json(value)
-            else:
-                hots[key] = HotRecord.from_json(value)
-        self.ledgers = {
-            scope: ScopeLedger(hots.get(scope), days.get(scope))
-            for scope in set(hots) | set(days)
-            if self._owns(scope, owned)
-        }
-        for ledger in self.ledgers.values():
-            ledger.settle()  # recovered day records are durable
+        self.stored = stored_scopes(list(self.ledger_table.data.items()), lambda s: self._owns(s, owned))
+        self.ledgers = {}
+        self.backlog = dict.fromkeys(self.stored)
 
         def lost(scope: str) -> bool:
             return not self._owns(scope, owned)
 
         self.dirty = {scope: source for scope, source in self.dirty.items() if not lost(scope)}
-        # Publish the state of every scope loaded, once: the previous owner may have counted
-        # deltas (their ledger writes acked) without publishing them yet -- its tick does not
-        # run while a rebalance is under way, and a SIGKILL stops it altogether -- and without a
-        # new delta for the scope nobody would ever publish them (issue 13: totals short on
-        # Kafka, both workers idle).
-        for scope in self.ledgers:
-            self.dirty.setdefault(scope, None)
         self.sources = {scope: source for scope, source in self.sources.items() if not lost(scope)}
         self.due = [(at, scope) for at, scope in self.due if not lost(scope)]
         self.hold_due = {}
         self.publisher.forget_where(lost)
         self.publisher.published.clear()  # readers may hold another owner's decisions now
         now = time.time()
-        for scope in self.registry.budgets:
-            if not lost(scope):
-                self.due.append((now, scope))
-        for scope, ledger in self.ledgers.items():
-            if ledger.hot.holds:  # its reserved_usd may have changed while nobody owned it
-                self.due.append((now, scope))
+        self.due += [(now, scope) for scope in self.registry.budgets if not lost(scope)]
+        # a scope with holds: its reserved_usd may have changed while nobody owned it
+        self.due += [(now, scope) for scope, stored in self.stored.items() if stored.holds]
         heapq.heapify(self.due)
         self.ledgers_built_for = (generation, owned)
         log.info(
-            "ledgers loaded for generation %s, partitions %s: %d scopes (rebalancing %s, in recovery %s)",
+            "ledgers listed for generation %s, partitions %s: %d scopes (rebalancing %s, in recovery %s)",
             generation,
             sorted(owned),
-            len(self.ledgers),
+            len(self.stored),
             self.app.rebalancing,
             getattr(self.app, "in_recovery", None),
         )

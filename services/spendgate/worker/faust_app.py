@@ -18,7 +18,7 @@ from faust import stores as faust_stores
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from spendgate.settings import Settings
-from spendgate.worker import recovery_fix
+from spendgate.worker import bulk_recovery, recovery_fix
 
 log = logging.getLogger(__name__)
 
@@ -161,14 +161,14 @@ def make_app(
     * creates ``settings.data_dir`` (Faust's datadir is ``<data_dir>/faust``);
     * table store ``store`` or ``settings.worker_store``: ``memory://`` or ``rocksdict://``
       (RocksDB under ``<data_dir>/faust/v1/tables/``, not per app id; one ``data_dir`` per
-      process, RocksDB locks its databases).
-      Either way, read tables with :func:`get_in_partition` / :func:`items_in_partition` and
-      write them with :func:`write_in_partition`: RocksDB keeps one database per partition;
-    * ``recovery_fix_enabled=False`` exists only for the regression test that proves the fix
-      is needed.
+      process, RocksDB locks its databases). Either way, read and write tables with
+      ``worker.partitions``' helpers (``*_in_partition``): RocksDB keeps one database per partition;
+    * ``recovery_fix_enabled=False`` (stock recovery: no fix, no bulk read) is only for the
+      regression test that proves the fix is needed.
     """
     if recovery_fix_enabled:
         recovery_fix.install()
+        bulk_recovery.install()
     web_port = settings.worker_web_port
     if session_timeout is None:
         session_timeout = 2.0 if settings.dev else 10.0

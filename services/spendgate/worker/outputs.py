@@ -27,6 +27,7 @@ from spendgate.settings import Settings
 from spendgate.worker import metrics
 from spendgate.worker.partitions import partitions_ready
 from spendgate.worker.sends import flush, send_batches
+from spendgate.worker.takeover import takeover_chunk
 
 
 class Outputs:
@@ -38,6 +39,7 @@ class Outputs:
     config_ready: asyncio.Event
     publisher: Publisher
     ledgers: dict[str, ScopeLedger]
+    backlog: dict[str, None]
     unflushed: set[str]
     publishing: asyncio.Lock
     dirty: dict[str, Source | None]
@@ -80,8 +82,8 @@ class Outputs:
     def _source(self, scope: str) -> Source | None:
         """What a record about ``scope`` reflects: its last delta, else what its ledger has seen."""
         source = self.sources.get(scope)
-        if source is None and scope in self.ledgers and self.ledgers[scope].hot.watermarks:
-            partition, offset = max(self.ledgers[scope].hot.watermarks.items(), key=lambda item: item[1])
+        if source is None and self._ledger(scope).hot.watermarks:
+            partition, offset = max(self._ledger(scope).hot.watermarks.items(), key=lambda item: item[1])
             source = self.sources[scope] = source_at(partition, offset)
         return source
 
@@ -129,7 +131,8 @@ class Outputs:
     # ---- timers ---------------------------------------------------------------------------
 
     async def tick(self) -> None:
-        """Re-decide due scopes (window resets, budget changes) and flush coalesced state.
+        """Re-decide due scopes (window resets, budget changes) and flush coalesced state, then
+        the next chunk of a generation's takeover republish (``worker.takeover``).
 
         Every record is computed from durable ledger state: a scope of the aggregate batch
         whose changelog writes are in flight (``unflushed``) waits for the next tick, so a
@@ -161,6 +164,7 @@ class Outputs:
             for scope in due:
                 self.dirty.setdefault(scope, None)
             dirty, self.dirty = self.dirty, {}
+            dirty.update(dict.fromkeys(takeover_chunk(self.backlog, dirty, unflushed)))
             records = self._state_records(dirty, unflushed, owned, now)
             futures = await self._enqueue_keyed(self.outputs["decisions"], decisions)
             futures += await self._enqueue_keyed(self.outputs["alerts"], alerts)
