@@ -28,6 +28,7 @@ from functools import lru_cache
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
+from spendgate.domain.budgets import Budget
 from spendgate.domain.holds import LocalHolds
 from spendgate.domain.money import NANOS_PER_USD, Nanos, parse_usd
 from spendgate.domain.registry import ConfigChange, RegistryView
@@ -277,12 +278,28 @@ class GateState:
         if budget is None or budget.is_unlimited:
             self.budgets.pop(scope, None)
             return
-        limits = tuple(
-            CompiledLimit(str(lim.window), lim.window, lim.max_nanos, lim.soft_nanos) for lim in budget.limits
-        )
-        self.budgets[scope] = CompiledBudget(
-            limits, budget.zone, tuple((lim.window, lim.max_nanos) for lim in limits)
-        )
+        self.budgets[scope] = compile_budget(budget)
+
+
+_COMPILED: dict[int, tuple[Budget, CompiledBudget]] = {}
+"""Budgets compiled before, by identity (the ``Budget`` is kept, so its id is not reused): the
+scopes that share one parsed budget (``domain.budgets`` hands out one object per budget text)
+share one compiled form too. Bounded: cleared when full."""
+
+
+def compile_budget(budget: Budget) -> CompiledBudget:
+    """``budget`` as the check reads it: flat tuples, windows as text; immutable, so shared."""
+    known = _COMPILED.get(id(budget))
+    if known is not None and known[0] is budget:
+        return known[1]
+    limits = tuple(
+        CompiledLimit(str(lim.window), lim.window, lim.max_nanos, lim.soft_nanos) for lim in budget.limits
+    )
+    compiled = CompiledBudget(limits, budget.zone, tuple((lim.window, lim.max_nanos) for lim in limits))
+    if len(_COMPILED) >= 4096:
+        _COMPILED.clear()
+    _COMPILED[id(budget)] = (budget, compiled)
+    return compiled
 
 
 def _watermarks(value: Mapping[str, Any]) -> Watermarks | None:
