@@ -13,6 +13,7 @@ partition (any API instance serves any scope; every worker needs the whole regis
    the callbacks within tens of milliseconds. Catching up uses a longer wait (``catchup_wait_ms``)
    because Tansu's fetch polls storage and very short waits make little progress on a backlog;
    a live consumer that falls behind for ``behind_switch_s`` switches back to catching up.
+   Until ready, ``on_catch_up_batch`` (if given) is called after every batch applied.
 4. ``last_caught_up`` is the monotonic time at which it last knew every partition's position was
    at the broker's high watermark (as of that partition's latest Fetch answer).
    ``state_lag_ms()`` grows while the broker is away, so callers can answer degraded.
@@ -68,6 +69,7 @@ class TopicFollower:
         prepare: Callable[[], Awaitable[object]] | None = None,
         high_watermarks: HighWatermarks = fetch_high_watermarks,
         client_id: str = "spendgate-gate-follower",
+        on_catch_up_batch: Callable[[], object] | None = None,
     ) -> None:
         self._bootstrap = bootstrap
         self._handlers = dict(topics)
@@ -78,6 +80,7 @@ class TopicFollower:
         self._prepare = prepare
         self._high_watermarks = high_watermarks
         self._client_id = client_id
+        self._on_catch_up_batch = on_catch_up_batch
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._consumer: AIOKafkaConsumer | None = None
@@ -233,6 +236,8 @@ class TopicFollower:
                     self._apply(handler, message.key, message.value, tp, message.offset)
                 if messages:
                     self._positions[tp] = messages[-1].offset + 1
+            if batches and not self.ready and self._on_catch_up_batch is not None:
+                self._on_catch_up_batch()
             await self._observe(consumer, tps)
             advanced, self._advanced = self._advanced, asyncio.Event()
             advanced.set()
