@@ -183,9 +183,11 @@ class TopicFollower:
             await asyncio.sleep(self._retry_s)
 
     async def _start_ends(self) -> dict[TopicPartition, int]:
+        topics = list(self._handlers)  # asked at once: each answer waits up to a fetch wait
+        answers = await asyncio.gather(*(self._high_watermarks(self._bootstrap, t) for t in topics))
         ends: dict[TopicPartition, int] = {}
-        for topic in self._handlers:
-            for partition, end in (await self._high_watermarks(self._bootstrap, topic)).items():
+        for topic, answer in zip(topics, answers, strict=True):
+            for partition, end in answer.items():
                 ends[TopicPartition(topic, partition)] = end
         log.info("follower: start-time ends %s", {f"{tp.topic}/{tp.partition}": e for tp, e in ends.items()})
         return ends
