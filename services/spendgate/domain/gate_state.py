@@ -212,23 +212,17 @@ class GateState:
             order = provenance_order(marks, held.watermarks)
             if order < 0 or (order == 0 and as_of < held.as_of):
                 return False
-        windows = tuple(
-            HeldWindow(
-                w["window"],
-                epoch(w.get("start")),
-                epoch(w.get("resets_at")),
-                nanos(w["spend_usd"]),
-                None,
-                w.get("resets_at"),
-            )
-            for w in value.get("windows") or ()
-        )
-        self.states[scope] = HeldState(
-            as_of, windows, {w.window: (w.start, w.resets_at, w.spend) for w in windows}, marks
-        )
-        reserved = max(
-            (nanos(w["reserved_usd"]) for w in value.get("windows") or () if "reserved_usd" in w), default=0
-        )
+        raw = value.get("windows") or ()
+        windows: list[HeldWindow] = []
+        by_window: dict[str, tuple[float | None, float | None, Nanos]] = {}
+        for w in raw:  # one pass, plain locals: 100,000 of these on a cold start
+            window, start, resets_text = w["window"], epoch(w.get("start")), w.get("resets_at")
+            resets_at = epoch(resets_text)
+            spend = nanos(w["spend_usd"])
+            windows.append(HeldWindow(window, start, resets_at, spend, None, resets_text))
+            by_window[window] = (start, resets_at, spend)
+        self.states[scope] = HeldState(as_of, tuple(windows), by_window, marks)
+        reserved = max([nanos(w["reserved_usd"]) for w in raw if "reserved_usd" in w], default=0)
         until = epoch(value.get("holds_expire_at")) if reserved else None
         if reserved and until is not None:
             self.reserved[scope] = (reserved, until)
