@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from spendgate.adapters.kafka import CLIENT_SETTINGS, KafkaUnavailable, security_for
@@ -233,9 +233,7 @@ class TopicFollower:
         while not self._stopping:
             batches = await consumer.getmany(timeout_ms=100, max_records=5000)
             for tp, messages in batches.items():
-                handler = self._handlers[tp.topic]
-                for message in messages:
-                    self._apply(handler, message.key, message.value, tp, message.offset)
+                self._apply(self._handlers[tp.topic], tp, messages)
                 if messages:
                     self._positions[tp] = messages[-1].offset + 1
             if batches and not self.ready and self._on_catch_up_batch is not None:
@@ -249,16 +247,20 @@ class TopicFollower:
                 consumer = await self._open(self._live_wait_ms if switch else self._catchup_wait_ms)
                 log.info("follower: %s mode", "live" if switch else "catch-up")
 
-    def _apply(
-        self, handler: Handler, key: bytes | None, value: bytes | None, tp: TopicPartition, offset: int
-    ) -> None:
-        self.records += 1
-        try:
-            decoded = None if value is None else orjson.loads(value)
-            handler(None if key is None else key.decode("utf-8", "replace"), decoded, tp.partition, offset)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # JSONDecodeError is a ValueError
-            self.invalid_records += 1
-            log.warning("follower: skipping invalid record %s/%d@%d: %r", tp.topic, tp.partition, offset, exc)
+    def _apply(self, handler: Handler, tp: TopicPartition, messages: list[ConsumerRecord[Any, Any]]) -> None:
+        """One partition's batch, in order (a loop here, not a call per record: 300,000 at a start)."""
+        partition, loads = tp.partition, orjson.loads
+        for message in messages:
+            self.records += 1
+            key, value, offset = message.key, message.value, message.offset
+            try:
+                decoded = None if value is None else loads(value)
+                handler(None if key is None else key.decode("utf-8", "replace"), decoded, partition, offset)
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:  # JSONDecodeError: a ValueError
+                self.invalid_records += 1
+                log.warning(
+                    "follower: skipping invalid record %s/%d@%d: %r", tp.topic, partition, offset, exc
+                )
 
     async def _observe(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None:
         """Update positions, readiness and ``last_caught_up`` from the consumer's fetch state."""
