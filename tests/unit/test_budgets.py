@@ -234,3 +234,16 @@ def test_a_remembered_budget_is_what_a_fresh_parse_gives(limits: list[dict[str, 
     budgets._BUDGETS.clear()
     budgets._PARSED.clear()
     assert outcome() == remembered
+
+
+@given(limit_bodies, st.sampled_from([None, "UTC", "Europe/Paris", "", "Mars/Olympus", 5]))
+def test_parse_budget_fields_is_parse_budget_of_the_body(limits: list[dict[str, Any]], tz: object) -> None:
+    from spendgate.domain.budgets import parse_budget_fields
+
+    def outcome(parse: Any, *args: object) -> object:
+        try:
+            return parse(*args)
+        except InvalidInput as exc:
+            return ("refused", exc.reason, exc.field)
+
+    assert outcome(parse_budget_fields, limits, tz) == outcome(parse_budget, {"limits": limits, "tz": tz})

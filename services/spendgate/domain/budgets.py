@@ -111,13 +111,17 @@ def parse_budget(raw: object) -> Budget:
     unknown = set(raw) - {"limits", "tz"}
     if unknown:
         raise InvalidInput(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}", field="body")
-    tz = raw.get("tz")
+    return parse_budget_fields(raw.get("limits"), raw.get("tz"))
+
+
+def parse_budget_fields(limits_raw: object, tz: object) -> Budget:
+    """``parse_budget`` of ``{"limits": limits_raw, "tz": tz}``, for a caller holding the two
+    fields (a ``spend.config`` record): no body to build and check again."""
     if tz is None:  # absent or null: UTC. An empty name is a mistake, not a request for UTC.
         tz = "UTC"
     if not isinstance(tz, str) or not tz:  # zone() is lru-cached: an unhashable name would raise
         raise InvalidInput("must be an IANA time zone name such as 'UTC' or 'Europe/Paris'", field="tz")
     zone(tz)
-    limits_raw = raw.get("limits")
     if limits_raw is None:
         return Budget((), tz)
     if not isinstance(limits_raw, list):
