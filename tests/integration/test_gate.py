@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import time
 import uuid
@@ -21,7 +22,7 @@ from tests.kafka_helpers import eventually, produce, read_all
 from spendgate.adapters.embedded import free_port, start_broker
 from spendgate.adapters.follower import TopicFollower
 from spendgate.adapters.kafka import ensure_topics
-from spendgate.api.app import create_app
+from spendgate.api.app import CATCH_UP_GC_THRESHOLD, create_app
 from spendgate.domain.check import CheckRequest, check
 from spendgate.domain.gate_state import GateState
 from spendgate.settings import Settings
@@ -159,6 +160,24 @@ async def test_follower_is_ready_only_after_everything_present_at_start(settings
         assert follower.state_lag_ms() is not None
     finally:
         await follower.stop()
+
+
+async def test_the_api_collects_rarely_while_catching_up_then_as_usual(settings_factory: Any) -> None:
+    """A cold start freezes batch by batch and collects about never; not so once serving."""
+    settings = await settings_factory(database_url="")
+    await produce_batched(settings, "state", [state_record(f"key:k{i}", "1") for i in range(50)])
+    usual = gc.get_threshold()
+    assert usual[0] < CATCH_UP_GC_THRESHOLD
+    app = create_app(settings)
+    async with running(app) as client:
+        assert gc.get_threshold()[0] == CATCH_UP_GC_THRESHOLD  # the follower has read nothing yet
+        await wait_ready(client)
+
+        async def usual_again() -> None:
+            assert gc.get_threshold() == usual
+
+        await eventually(usual_again, timeout=10, interval=0.02)
+    assert gc.get_threshold() == usual
 
 
 async def test_follower_on_empty_topics_is_ready_at_once(settings_factory: Any) -> None:

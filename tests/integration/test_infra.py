@@ -238,3 +238,35 @@ async def test_follower_reach_waits_for_the_records_below_the_given_ends(
         await follower.stop()
         await producer.stop()
         await probe.close()
+
+
+async def test_follower_calls_its_catch_up_hook_after_each_batch_until_ready_only(
+    settings_factory: SettingsFactory,
+) -> None:
+    """The API freezes what it applied after each catch-up batch (``api.app``); never once live."""
+    settings = await settings_factory(database_url="", partitions=2)
+    topic = kafka.topic_name(settings, "config")
+    producer = kafka.producer(settings)
+    await producer.start()
+    seen: list[str] = []
+    calls: list[int] = []
+    follower = TopicFollower(
+        settings.kafka_bootstrap,
+        {topic: lambda key, *_: seen.append(key or "")},
+        on_catch_up_batch=lambda: calls.append(len(seen)),
+    )
+    probe = watermarks.HighWatermarkProbe(settings.kafka_bootstrap)
+    try:
+        for n in range(5):
+            await producer.send_and_wait(topic, b"{}", key=f"a{n}".encode())
+        await follower.start()
+        await follower.wait_ready(30)
+        assert calls and calls[-1] == 5  # after the batch that reached the start-time ends
+        before = len(calls)
+        await producer.send_and_wait(topic, b"{}", key=b"live")
+        await follower.reach(topic, await probe.high_watermarks(topic), 10)
+        assert len(seen) == 6 and len(calls) == before
+    finally:
+        await follower.stop()
+        await producer.stop()
+        await probe.close()

@@ -188,3 +188,62 @@ def test_a_remembered_limit_is_what_a_fresh_parse_gives(raw: dict[str, Any]) -> 
     remembered = outcome()
     budgets._PARSED.clear()
     assert outcome() == remembered
+
+
+def test_a_budget_parsed_before_is_shared_and_never_lets_a_bad_one_through() -> None:
+    """parse_budget remembers valid budgets by their text (100,000 keys on one template)."""
+    limits = [{"window": "1d", "max_usd": "100"}, {"window": "total", "max_usd": "100000"}]
+    first = parse_budget({"limits": limits, "tz": "UTC"})
+    assert parse_budget({"limits": [dict(lim) for lim in limits], "tz": "UTC"}) is first
+    assert parse_budget({"limits": limits, "tz": "Europe/Paris"}).tz == "Europe/Paris"
+    assert parse_budget({"limits": limits[:1]}).limits == first.limits[:1]
+    for bad in (
+        [*limits, {"window": "1d", "max_usd": "5"}],  # a duplicate window after a known pair
+        [{"window": "1d", "max_usd": "100", "extra": "1"}],
+        [{"window": "1d", "max_usd": True}],
+    ):
+        with pytest.raises(InvalidInput):
+            parse_budget({"limits": bad, "tz": "UTC"})
+    with pytest.raises(InvalidInput):
+        parse_budget({"limits": limits, "tz": "Mars/Olympus"})
+
+
+limit_bodies = st.lists(
+    st.dictionaries(
+        st.sampled_from(["window", "max_usd", "soft_usd", "x"]),
+        st.one_of(
+            st.none(), st.booleans(), st.integers(0, 3), st.sampled_from(["1d", "1h", "total", "2", "1"])
+        ),
+    ),
+    max_size=3,
+)
+
+
+@given(limit_bodies, st.sampled_from(["UTC", "Europe/Paris"]))
+def test_a_remembered_budget_is_what_a_fresh_parse_gives(limits: list[dict[str, Any]], tz: str) -> None:
+    from spendgate.domain import budgets
+
+    def outcome() -> object:
+        try:
+            return parse_budget({"limits": limits, "tz": tz})
+        except InvalidInput as exc:
+            return ("refused", exc.reason, exc.field)
+
+    remembered = outcome()
+    assert outcome() == remembered
+    budgets._BUDGETS.clear()
+    budgets._PARSED.clear()
+    assert outcome() == remembered
+
+
+@given(limit_bodies, st.sampled_from([None, "UTC", "Europe/Paris", "", "Mars/Olympus", 5]))
+def test_parse_budget_fields_is_parse_budget_of_the_body(limits: list[dict[str, Any]], tz: object) -> None:
+    from spendgate.domain.budgets import parse_budget_fields
+
+    def outcome(parse: Any, *args: object) -> object:
+        try:
+            return parse(*args)
+        except InvalidInput as exc:
+            return ("refused", exc.reason, exc.field)
+
+    assert outcome(parse_budget_fields, limits, tz) == outcome(parse_budget, {"limits": limits, "tz": tz})

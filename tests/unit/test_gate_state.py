@@ -94,6 +94,25 @@ def test_budget_is_compiled_and_removed_with_the_config() -> None:
     assert "team:t1" not in gs.budgets
 
 
+def test_scopes_on_one_budget_share_its_compiled_form_and_it_is_a_fresh_compile() -> None:
+    """compile_budget remembers by Budget identity: 100,000 keys on one template, one tuple."""
+    from spendgate.domain import gate_state
+
+    gs = GateState()
+    template = [{"window": "1mo", "max_usd": "5", "soft_usd": "4"}, {"window": "total", "max_usd": "9"}]
+    for scope in ("key:a", "key:b"):
+        gs.apply_config(f"budget/{scope}", config_record("budget", 1, scope=scope, limits=template))
+    gs.apply_config("budget/key:c", config_record("budget", 1, scope="key:c", limits=template[:1]))
+    assert gs.budgets["key:a"] is gs.budgets["key:b"]
+    assert gs.budgets["key:c"].caps == (("1mo", parse_usd("5")),)
+    remembered = dict(gs.budgets)
+    gate_state._COMPILED.clear()
+    for scope, compiled in remembered.items():
+        assert gate_state.compile_budget(gs.registry.budgets[scope]) == compiled
+    assert remembered["key:a"].caps == (("1mo", parse_usd("5")), ("total", parse_usd("9")))
+    assert remembered["key:a"].limits[0].soft_nanos == parse_usd("4")
+
+
 def test_stale_budget_does_not_replace_the_compiled_one() -> None:
     gs = GateState()
     gs.apply_config(

@@ -13,6 +13,7 @@ partition (any API instance serves any scope; every worker needs the whole regis
    the callbacks within tens of milliseconds. Catching up uses a longer wait (``catchup_wait_ms``)
    because Tansu's fetch polls storage and very short waits make little progress on a backlog;
    a live consumer that falls behind for ``behind_switch_s`` switches back to catching up.
+   Until ready, ``on_catch_up_batch`` (if given) is called after every batch applied.
 4. ``last_caught_up`` is the monotonic time at which it last knew every partition's position was
    at the broker's high watermark (as of that partition's latest Fetch answer).
    ``state_lag_ms()`` grows while the broker is away, so callers can answer degraded.
@@ -36,7 +37,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from spendgate.adapters.kafka import CLIENT_SETTINGS, KafkaUnavailable, security_for
@@ -68,6 +69,7 @@ class TopicFollower:
         prepare: Callable[[], Awaitable[object]] | None = None,
         high_watermarks: HighWatermarks = fetch_high_watermarks,
         client_id: str = "spendgate-gate-follower",
+        on_catch_up_batch: Callable[[], object] | None = None,
     ) -> None:
         self._bootstrap = bootstrap
         self._handlers = dict(topics)
@@ -78,6 +80,7 @@ class TopicFollower:
         self._prepare = prepare
         self._high_watermarks = high_watermarks
         self._client_id = client_id
+        self._on_catch_up_batch = on_catch_up_batch
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._consumer: AIOKafkaConsumer | None = None
@@ -180,9 +183,11 @@ class TopicFollower:
             await asyncio.sleep(self._retry_s)
 
     async def _start_ends(self) -> dict[TopicPartition, int]:
+        topics = list(self._handlers)  # asked at once: each answer waits up to a fetch wait
+        answers = await asyncio.gather(*(self._high_watermarks(self._bootstrap, t) for t in topics))
         ends: dict[TopicPartition, int] = {}
-        for topic in self._handlers:
-            for partition, end in (await self._high_watermarks(self._bootstrap, topic)).items():
+        for topic, answer in zip(topics, answers, strict=True):
+            for partition, end in answer.items():
                 ends[TopicPartition(topic, partition)] = end
         log.info("follower: start-time ends %s", {f"{tp.topic}/{tp.partition}": e for tp, e in ends.items()})
         return ends
@@ -228,11 +233,11 @@ class TopicFollower:
         while not self._stopping:
             batches = await consumer.getmany(timeout_ms=100, max_records=5000)
             for tp, messages in batches.items():
-                handler = self._handlers[tp.topic]
-                for message in messages:
-                    self._apply(handler, message.key, message.value, tp, message.offset)
+                self._apply(self._handlers[tp.topic], tp, messages)
                 if messages:
                     self._positions[tp] = messages[-1].offset + 1
+            if batches and not self.ready and self._on_catch_up_batch is not None:
+                self._on_catch_up_batch()
             await self._observe(consumer, tps)
             advanced, self._advanced = self._advanced, asyncio.Event()
             advanced.set()
@@ -242,16 +247,20 @@ class TopicFollower:
                 consumer = await self._open(self._live_wait_ms if switch else self._catchup_wait_ms)
                 log.info("follower: %s mode", "live" if switch else "catch-up")
 
-    def _apply(
-        self, handler: Handler, key: bytes | None, value: bytes | None, tp: TopicPartition, offset: int
-    ) -> None:
-        self.records += 1
-        try:
-            decoded = None if value is None else orjson.loads(value)
-            handler(None if key is None else key.decode("utf-8", "replace"), decoded, tp.partition, offset)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # JSONDecodeError is a ValueError
-            self.invalid_records += 1
-            log.warning("follower: skipping invalid record %s/%d@%d: %r", tp.topic, tp.partition, offset, exc)
+    def _apply(self, handler: Handler, tp: TopicPartition, messages: list[ConsumerRecord[Any, Any]]) -> None:
+        """One partition's batch, in order (a loop here, not a call per record: 300,000 at a start)."""
+        partition, loads = tp.partition, orjson.loads
+        for message in messages:
+            self.records += 1
+            key, value, offset = message.key, message.value, message.offset
+            try:
+                decoded = None if value is None else loads(value)
+                handler(None if key is None else key.decode("utf-8", "replace"), decoded, partition, offset)
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:  # JSONDecodeError: a ValueError
+                self.invalid_records += 1
+                log.warning(
+                    "follower: skipping invalid record %s/%d@%d: %r", tp.topic, partition, offset, exc
+                )
 
     async def _observe(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None:
         """Update positions, readiness and ``last_caught_up`` from the consumer's fetch state."""

@@ -13,7 +13,7 @@ from urllib.parse import unquote
 
 from spendgate.adapters.follower import Handler
 from spendgate.domain.authority import Principal, Role, team_admin_may_read
-from spendgate.domain.gate_state import GateState, epoch, nanos
+from spendgate.domain.gate_state import GateState, epoch
 from spendgate.domain.scopes import Scope, ScopeKind, encode_id
 from spendgate.domain.series import (
     DAY,
@@ -43,10 +43,12 @@ def history_handlers(state: GateState, history: SpendHistory) -> tuple[Handler, 
 
     def on_state(key: str | None, value: Any, *_: int) -> None:
         if state.apply_state(value, key) and value is not None:
-            as_of = epoch(value["as_of"]) or 0.0
-            total = next((w["spend_usd"] for w in value.get("windows") or () if w["window"] == "total"), None)
-            if total is not None:
-                history.apply_state(value["scope"], as_of, nanos(total))
+            scope = value["scope"]
+            held = state.states[scope]  # the record as just parsed: not parsed twice
+            for window in held.windows:
+                if window.window == "total":
+                    history.apply_state(scope, held.as_of, window.spend)
+                    break
 
     def on_decision(key: str | None, value: Any, *_: int) -> None:
         if state.apply_decision(value, key) and value is not None:

@@ -111,21 +111,51 @@ def parse_budget(raw: object) -> Budget:
     unknown = set(raw) - {"limits", "tz"}
     if unknown:
         raise InvalidInput(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}", field="body")
-    tz = raw.get("tz")
+    return parse_budget_fields(raw.get("limits"), raw.get("tz"))
+
+
+def parse_budget_fields(limits_raw: object, tz: object) -> Budget:
+    """``parse_budget`` of ``{"limits": limits_raw, "tz": tz}``, for a caller holding the two
+    fields (a ``spend.config`` record): no body to build and check again."""
     if tz is None:  # absent or null: UTC. An empty name is a mistake, not a request for UTC.
         tz = "UTC"
     if not isinstance(tz, str) or not tz:  # zone() is lru-cached: an unhashable name would raise
         raise InvalidInput("must be an IANA time zone name such as 'UTC' or 'Europe/Paris'", field="tz")
     zone(tz)
-    limits_raw = raw.get("limits")
     if limits_raw is None:
         return Budget((), tz)
     if not isinstance(limits_raw, list):
         raise InvalidInput("must be a list or null", field="limits")
     if len(limits_raw) > MAX_LIMITS:
         raise InvalidInput(f"at most {MAX_LIMITS} limits", field="limits")
+    key = _budget_key(limits_raw, tz)
+    known = _BUDGETS.get(key) if key is not None else None
+    if known is not None:
+        return known
     limits = [parse_limit(item, i) for i, item in enumerate(limits_raw)]
-    return Budget(_unique(limits), tz)
+    parsed = Budget(_unique(limits), tz)
+    if key is not None:
+        if len(_BUDGETS) >= 4096:
+            _BUDGETS.clear()
+        _BUDGETS[key] = parsed
+    return parsed
+
+
+BudgetText = tuple[str, tuple[tuple[str, str, str | None], ...]]  # (tz, limits as _text_key)
+_BUDGETS: dict[BudgetText, Budget] = {}
+"""Budgets parsed before, by their text: on a cold start 100,000 scopes on one budget template
+share one (immutable) ``Budget`` instead of re-validating, sorting and holding 100,000 copies.
+Only valid budgets are kept, so a bad one is refused by the full parse every time."""
+
+
+def _budget_key(limits_raw: list[Any], tz: str) -> BudgetText | None:
+    texts = []
+    for item in limits_raw:
+        key = _text_key(item) if type(item) is dict else None
+        if key is None:
+            return None
+        texts.append(key)
+    return tz, tuple(texts)
 
 
 def _unique(limits: Iterable[Limit]) -> tuple[Limit, ...]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote as _unquote
 
-from spendgate.domain.budgets import NO_BUDGET, Budget, parse_budget
+from spendgate.domain.budgets import NO_BUDGET, Budget, parse_budget_fields
 from spendgate.domain.scopes import encode_id
 
 
@@ -117,7 +117,7 @@ class RegistryView:
         if value is None:
             self.budgets.pop(scope, None)
         else:
-            budget = parse_budget({"limits": value.get("limits"), "tz": value.get("tz") or "UTC"})
+            budget = parse_budget_fields(value.get("limits"), value.get("tz") or "UTC")
             if budget.is_unlimited:
                 self.budgets.pop(scope, None)
             else:

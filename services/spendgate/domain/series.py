@@ -71,7 +71,11 @@ class SpendHistory:
         held = self.scopes.get(scope)
         if held is None:
             held = self.scopes[scope] = ScopeHistory()
-            self.by_kind.setdefault(scope.partition(":")[0], set()).add(scope)
+            kind = scope.partition(":")[0]
+            same_kind = self.by_kind.get(kind)
+            if same_kind is None:
+                same_kind = self.by_kind[kind] = set()
+            same_kind.add(scope)
         return held
 
     def apply_state(self, scope: str, as_of: float, total: Nanos) -> None:
