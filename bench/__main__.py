@@ -162,7 +162,7 @@ async def main_async(args: argparse.Namespace, results: dict[str, Any], stack: A
             results["dashboard"] = await dashboard.run_dashboard_bench(stack, quick)
         if "cold" in only:
             scopes = 10_000 if quick else 50_000
-            results["cold_worker"] = await coldstart.worker_cold_start(stack, "cold.", scopes, 10, 1 if quick else 2)
+            results["cold_worker"] = await coldstart.worker_cold_start(stack, "cold.", scopes, 10, 1 if quick else 3)
     finally:
         stack.stop()
 

@@ -362,9 +362,9 @@ def markdown(res: dict[str, Any]) -> str:
                      f"{', '.join(map(str, row['workers_2']))} |")
         L.append(f"\n{ab['note']}\n")
 
-    wab = res.get("worker_ab")
-    if wab:
-        L += _worker_ab(wab)
+    for key in ("worker_ab", "issue16_round2"):
+        if res.get(key):
+            L += _worker_ab(res[key])
 
     wr = res.get("writes")
     if wr:
@@ -408,7 +408,8 @@ def main() -> None:
 
 def _worker_ab(ab: dict[str, Any]) -> list[str]:
     """Issue 16's before/after tables (entered in BENCHMARKS.json from the runs they name)."""
-    L = ["### Worker speed, issue 16: before and after, same run\n", ab["intro"] + "\n"]
+    heading = ab.get("heading", "Worker speed, issue 16: before and after, same run")
+    L = [f"### {heading}\n", ab["intro"] + "\n"]
     for table in ab["tables"]:
         L.append(f"**{table['title']}** `{table['command']}`\n")
         L.append("| " + " | ".join(table["columns"]) + " |\n|" + "---|" * len(table["columns"]))
