@@ -137,9 +137,10 @@ def markdown(res: dict[str, Any]) -> str:
         hot = wk.get("workers_1_hot")
         L.append(f"| baseline: aiokafka consumer + orjson.loads | {_m(b['rate_processing'], 0)} | {_m(b['rate_wall'], 0)} | | | | 1 |\n")
         if hot:
-            L.append(f"The {wk['hot_keys']}-key row is the same number of events touching far fewer scopes: a worker's "
-                     "cost is per scope update (one ledger changelog record and one `spend.state` record per scope a "
-                     "batch or a state tick touches), and every event of one scope in a batch is one update.\n")
+            L.append(f"The {wk['hot_keys']}-key row is the same number of events touching far fewer scopes: every "
+                     "event of one scope in a batch (or a state tick) is one ledger changelog record (or one "
+                     "`spend.state` record). Its rate against its records per event splits a worker's cost into a "
+                     "part per event and a part per record written (issue 16, second round, below).\n")
         for n, wanted in (("1", 10_000), ("2", 18_000)):
             rate = wk.get(f"workers_{n}", {}).get("rate_processing", {}).get("median")
             if rate is not None or n == "1":
