@@ -159,6 +159,24 @@ def test_a_record_missing_fields_raises_for_the_follower_to_skip() -> None:
         gs.apply_decision({"v": 1, "blocked": True})
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [{"reserved_usd": "lots"}, {"reserved_usd": "0.5", "holds": None}],
+    ids=["reserved_usd not money", "holds_expire_at not a timestamp"],
+)
+def test_a_state_record_that_fails_to_parse_changes_nothing(bad: dict) -> None:
+    """The follower skips a record its callback rejects: nothing of it may have been stored."""
+    gs = GateState()
+    assert gs.apply_state(_state("1", "2026-01-01T00:00:01Z", {"0": 1}))
+    record = _state("2", "2026-01-01T00:00:02Z", {"0": 2})
+    record["windows"][1] |= {"reserved_usd": bad["reserved_usd"]}
+    record["holds_expire_at"] = 12 if "holds" in bad else "2026-01-01T00:10:00Z"
+    with pytest.raises((ValueError, TypeError)):
+        gs.apply_state(record)
+    assert gs.states["team:t1"].by_window["total"][2] == parse_usd("1")
+    assert "team:t1" not in gs.reserved
+
+
 def _state(total: str, as_of: str, watermarks: dict[str, int] | None) -> dict:
     return {
         "v": 1,

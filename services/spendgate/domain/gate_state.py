@@ -221,9 +221,10 @@ class GateState:
             spend = nanos(w["spend_usd"])
             windows.append(HeldWindow(window, start, resets_at, spend, None, resets_text))
             by_window[window] = (start, resets_at, spend)
-        self.states[scope] = HeldState(as_of, tuple(windows), by_window, marks)
+        # parsed before anything is stored: a record that fails here is skipped whole
         reserved = max([nanos(w["reserved_usd"]) for w in raw if "reserved_usd" in w], default=0)
         until = epoch(value.get("holds_expire_at")) if reserved else None
+        self.states[scope] = HeldState(as_of, tuple(windows), by_window, marks)
         if reserved and until is not None:
             self.reserved[scope] = (reserved, until)
         else:
