@@ -179,14 +179,14 @@ def test_a_limit_parsed_before_is_reused_and_never_lets_a_bad_one_through() -> N
 def test_a_remembered_limit_is_what_a_fresh_parse_gives(raw: dict[str, Any]) -> None:
     from spendgate.domain import budgets
 
-    def outcome() -> object:
+    def outcome() -> object:  # a one-limit budget: remembered by its text when valid
         try:
-            return budgets.parse_limit(raw, 0)
+            return budgets.parse_budget_fields([raw], "UTC")
         except InvalidInput as exc:
             return ("refused", exc.reason, exc.field)
 
     remembered = outcome()
-    budgets._PARSED.clear()
+    budgets._BUDGETS.clear()
     assert outcome() == remembered
 
 
@@ -232,7 +232,6 @@ def test_a_remembered_budget_is_what_a_fresh_parse_gives(limits: list[dict[str, 
     remembered = outcome()
     assert outcome() == remembered
     budgets._BUDGETS.clear()
-    budgets._PARSED.clear()
     assert outcome() == remembered
 
 

@@ -45,10 +45,9 @@ def history_handlers(state: GateState, history: SpendHistory) -> tuple[Handler, 
         if state.apply_state(value, key) and value is not None:
             scope = value["scope"]
             held = state.states[scope]  # the record as just parsed: not parsed twice
-            for window in held.windows:
-                if window.window == "total":
-                    history.apply_state(scope, held.as_of, window.spend)
-                    break
+            total = held.by_window.get("total")
+            if total is not None:
+                history.apply_state(scope, held.as_of, total[2])
 
     def on_decision(key: str | None, value: Any, *_: int) -> None:
         if state.apply_decision(value, key) and value is not None:

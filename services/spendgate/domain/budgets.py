@@ -55,36 +55,10 @@ class Budget:
 NO_BUDGET = Budget()
 
 
-_PARSED: dict[tuple[str, str, str | None], Limit] = {}
-"""Limits parsed before, by their text: 100,000 keys on one budget template are parsed once each
-on a cold start, not a hundred thousand times. Only all-string limits are kept (``1`` and
-``True`` hash alike; a bool must still be refused)."""
-
-
-def _text_key(raw: Mapping[Any, Any]) -> tuple[str, str, str | None] | None:
-    window, max_usd, soft = raw.get("window"), raw.get("max_usd"), raw.get("soft_usd")
-    if type(window) is not str or type(max_usd) is not str or not (soft is None or type(soft) is str):
-        return None
-    if len(raw) != 2 + ("soft_usd" in raw):  # an unknown field is refused by the full parse
-        return None
-    return window, max_usd, soft
-
-
 def parse_limit(raw: object, index: int) -> Limit:
     field = f"limits[{index}]"
     if not isinstance(raw, Mapping):
         raise InvalidInput("must be an object with window and max_usd", field=field)
-    key = _text_key(raw)
-    known = _PARSED.get(key) if key is not None else None
-    if known is not None:
-        return known
-    limit = _parse_limit(raw, field)
-    if key is not None and len(_PARSED) < 4096:
-        _PARSED[key] = limit
-    return limit
-
-
-def _parse_limit(raw: Mapping[Any, Any], field: str) -> Limit:
     unknown = set(raw) - {"window", "max_usd", "soft_usd"}
     if unknown:
         raise InvalidInput(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}", field=field)
@@ -156,6 +130,17 @@ def _budget_key(limits_raw: list[Any], tz: str) -> BudgetText | None:
             return None
         texts.append(key)
     return tz, tuple(texts)
+
+
+def _text_key(raw: Mapping[Any, Any]) -> tuple[str, str, str | None] | None:
+    """A limit's text, when it is all strings and nothing else (``1`` and ``True`` hash alike, and
+    a bool must still be refused; an unknown field is refused by the full parse): else None."""
+    window, max_usd, soft = raw.get("window"), raw.get("max_usd"), raw.get("soft_usd")
+    if type(window) is not str or type(max_usd) is not str or not (soft is None or type(soft) is str):
+        return None
+    if len(raw) != 2 + ("soft_usd" in raw):  # an unknown field is refused by the full parse
+        return None
+    return window, max_usd, soft
 
 
 def _unique(limits: Iterable[Limit]) -> tuple[Limit, ...]:

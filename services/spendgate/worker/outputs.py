@@ -82,8 +82,9 @@ class Outputs:
     def _source(self, scope: str) -> Source | None:
         """What a record about ``scope`` reflects: its last delta, else what its ledger has seen."""
         source = self.sources.get(scope)
-        if source is None and self._ledger(scope).hot.watermarks:
-            partition, offset = max(self._ledger(scope).hot.watermarks.items(), key=lambda item: item[1])
+        marks = self._ledger(scope).hot.watermarks if source is None else None
+        if marks:
+            partition, offset = max(marks.items(), key=lambda item: item[1])
             source = self.sources[scope] = source_at(partition, offset)
         return source
 
